@@ -1,0 +1,49 @@
+"""Write one benchmark's section of docs/benchmarks.md, leaving the other sections as they are.
+
+Each benchmark owns the text between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``; a
+rerun replaces only that block (appended at the end the first time).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+HEADER = "# Benchmarks\n\nEvery figure here comes from a script under `bench/`; each section names the command and the machine.\n"
+
+
+def machine() -> str:
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, {dev}; Python {sys.version.split()[0]}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+
+
+def write_section(name: str, title: str, command: str, body: str, doc: Path = DOC) -> Path:
+    block = (
+        f"<!-- bench:{name} -->\n## {title}\n\nCommand: `{command}`  \nMachine: {machine()}\n\n"
+        f"{body.strip()}\n<!-- /bench:{name} -->\n"
+    )
+    text = doc.read_text() if doc.exists() else HEADER
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1].lstrip("\n")
+        text = before + block + ("\n" + after if after else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+    return doc
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,5 @@
+import sys
+
+from pivotseg.cli.main import main
+
+sys.exit(main())
