@@ -12,7 +12,9 @@ import sys
 
 from pivotseg.errors import PivotsegError
 
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "weights": "pivotseg.cli.weights",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
