@@ -18,6 +18,14 @@ from pivotseg.errors import ConfigError
 
 BACKBONES: dict[str, str] = {
     "dinov2": "pivotseg.backbones.dinov2:build_dinov2",
+    "dinov2_reg": "pivotseg.backbones.dinov2:build_dinov2_reg",
+    "clip": "pivotseg.backbones.clip:build_clip",
+    "siglip": "pivotseg.backbones.siglip:build_siglip",
+    "sam": "pivotseg.backbones.sam:build_sam",
+    "sam2": "pivotseg.backbones.sam2:build_sam2",
+    "eva02": "pivotseg.backbones.eva02:build_eva02",
+    "clip_resnet": "pivotseg.backbones.clip_resnet:build_clip_resnet",
+    "tinyvit": "pivotseg.backbones.tinyvit:build_tinyvit",
 }
 
 

@@ -1,8 +1,16 @@
 """DINOv2 through transformers' ``Dinov2Model`` (wrapped, not forked).
 
+Two names: ``dinov2`` (``Dinov2Model``) and ``dinov2_reg`` (``Dinov2WithRegistersModel``, the
+"Vision Transformers Need Registers" checkpoints); both share :class:`Dinov2Backbone`, which drops
+the class and register tokens from the feature maps and hooks.
+
 Rein and DPFT run DINOv2 at patch 16 instead of 14 so that a 512 crop gives a 32x32 grid:
 :func:`convert_patch_size` resizes the patch-embedding kernel and the position embedding
 bicubically, as Rein's conversion script does.
+
+:func:`from_pretrained_checked` is the loading path every transformers-backed wrapper shares:
+transformers only *warns* about checkpoint keys that do not fit (and initialises the missing ones
+at random), so it turns that report into a :class:`~pivotseg.errors.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -11,7 +19,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Dinov2Config, Dinov2Model
+from transformers import (
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+)
 
 from pivotseg.backbones.base import (
     Backbone,
@@ -20,6 +33,7 @@ from pivotseg.backbones.base import (
     read_saved_folder,
     tokens_to_map,
 )
+from pivotseg.errors import CheckpointError, ConfigError
 
 # The published sizes (facebook/dinov2-{small,base,large,giant}).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -31,6 +45,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 HUB_IDS = {k: f"facebook/dinov2-{k}" for k in PRESETS}
+REG_HUB_IDS = {k: f"facebook/dinov2-with-registers-{k}" for k in PRESETS}
+
+# backbone name -> (transformers model_type, model class, config class)
+ARCHITECTURES = {
+    "dinov2": ("dinov2", Dinov2Model, Dinov2Config),
+    "dinov2_reg": ("dinov2_with_registers", Dinov2WithRegistersModel, Dinov2WithRegistersConfig),
+}
 
 
 class Dinov2Backbone(Backbone):
@@ -38,9 +59,11 @@ class Dinov2Backbone(Backbone):
     pixel_mean = (123.675, 116.28, 103.53)  # ImageNet statistics
     pixel_std = (58.395, 57.12, 57.375)
 
-    def __init__(self, model: Dinov2Model, out_indices=None):
+    def __init__(self, model: Dinov2Model | Dinov2WithRegistersModel, out_indices=None):
         super().__init__(out_indices)
         self.model = model
+        if isinstance(model, Dinov2WithRegistersModel):
+            self.name = "dinov2_reg"
         self.patch_size = self.size_divisor = model.config.patch_size
         self._prefix = 1 + getattr(model.config, "num_register_tokens", 0)
 
@@ -119,6 +142,100 @@ def convert_patch_size(model: Dinov2Model, patch_size: int, image_size: int = 51
     return model
 
 
+def source_model_type(source) -> str | None:
+    """The ``model_type`` of a hub id's or transformers folder's ``config.json``."""
+    from transformers import PreTrainedConfig
+
+    try:
+        raw, _ = PreTrainedConfig.get_config_dict(str(source))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{source}: no readable transformers config.json ({type(err).__name__}); give a hub "
+            "id, a save_pretrained folder or a pivotseg backbone folder"
+        ) from err
+    return raw.get("model_type")
+
+
+def pick_model_class(source, name: str, classes: dict[str, type]) -> type:
+    """The class for ``source``'s ``model_type`` among ``classes``, or a CheckpointError."""
+    model_type = source_model_type(source)
+    if model_type not in classes:
+        raise CheckpointError(
+            f"{source}: holds a {model_type!r} model (config.json model_type), which backbone "
+            f"{name!r} does not read; it reads {', '.join(classes)}"
+        )
+    return classes[model_type]
+
+
+def from_pretrained_checked(
+    model_class, source, layout: str, allow_unexpected: tuple[str, ...] = (), **kwargs
+):
+    """``model_class.from_pretrained(source)`` that fails on keys that do not fit.
+
+    Args:
+        model_class: a transformers ``PreTrainedModel`` class.
+        source: hub id or local folder.
+        layout: what was expected, for the message (e.g. ``"transformers CLIPModel"``).
+        allow_unexpected: prefixes of checkpoint keys that may be left unused on purpose (e.g. the
+            text tower when only the vision tower is loaded).
+        **kwargs: passed to ``from_pretrained``.
+
+    Raises:
+        CheckpointError: naming the first few missing, unexpected or reshaped keys.
+    """
+    # The source fixes the architecture; a preset name kept next to it in a config is redundant
+    # (transformers would store it as a stray config attribute).
+    kwargs.pop("variant", None)
+    model, info = model_class.from_pretrained(
+        str(source), output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+    )
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(
+        k for k in info.get("unexpected_keys") or [] if not k.startswith(allow_unexpected)
+    )
+    reshaped = sorted(info.get("mismatched_keys") or [])
+    if missing or unexpected or reshaped:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if reshaped:
+            key, got, want = reshaped[0]
+            parts.append(
+                f"{len(reshaped)} of other shape (e.g. {key}: {tuple(got)} vs {tuple(want)})"
+            )
+        raise CheckpointError(
+            f"{source}: does not fit the {layout} layout: {'; '.join(parts)}; check the "
+            "backbone name and config"
+        )
+    return model
+
+
+def _build(name, source, config, out_indices, patch_size):
+    model_type, model_class, config_class = ARCHITECTURES[name]
+    config = dict(config or {})
+    if is_saved_folder(source):
+        saved, state = read_saved_folder(source)
+        model = model_class(config_class(**saved["config"]))
+        wrapper = Dinov2Backbone(model, out_indices or saved.get("out_indices"))
+        load_state_strict(wrapper, state, source, f"pivotseg {name}")
+        return wrapper
+    if source is not None:
+        pick_model_class(source, name, {model_type: model_class})
+        model = from_pretrained_checked(
+            model_class, source, f"transformers {model_class.__name__}", **config
+        )
+    else:
+        variant = config.pop("variant", "small")
+        if variant not in PRESETS:
+            raise ConfigError(f"{name}: unknown variant {variant!r}; known: {', '.join(PRESETS)}")
+        model = model_class(config_class(**{**PRESETS[variant], **config}))
+    if patch_size is not None:
+        convert_patch_size(model, patch_size, image_size=32 * patch_size)
+    return Dinov2Backbone(model, out_indices)
+
+
 def build_dinov2(source=None, config=None, out_indices=None, patch_size: int | None = None):
     """DINOv2 from a hub id / transformers folder / saved folder, or random from a preset.
 
@@ -126,19 +243,13 @@ def build_dinov2(source=None, config=None, out_indices=None, patch_size: int | N
         source: ``facebook/dinov2-large``, a local folder, or ``None`` for random weights.
         config: ``{"variant": "large", ...}`` plus any ``Dinov2Config`` field.
         patch_size: convert to this patch size after loading (16 for Rein/DPFT recipes).
+
+    Raises:
+        CheckpointError: the source is another kind of model or its keys do not fit.
     """
-    config = dict(config or {})
-    if is_saved_folder(source):
-        saved, state = read_saved_folder(source)
-        model = Dinov2Model(Dinov2Config(**saved["config"]))
-        wrapper = Dinov2Backbone(model, out_indices or saved.get("out_indices"))
-        load_state_strict(wrapper, state, source, "pivotseg dinov2")
-        return wrapper
-    if source is not None:
-        model = Dinov2Model.from_pretrained(str(source), **config)
-    else:
-        variant = config.pop("variant", "small")
-        model = Dinov2Model(Dinov2Config(**{**PRESETS[variant], **config}))
-    if patch_size is not None:
-        convert_patch_size(model, patch_size, image_size=32 * patch_size)
-    return Dinov2Backbone(model, out_indices)
+    return _build("dinov2", source, config, out_indices, patch_size)
+
+
+def build_dinov2_reg(source=None, config=None, out_indices=None, patch_size: int | None = None):
+    """DINOv2 with 4 register tokens (``facebook/dinov2-with-registers-*``); see build_dinov2."""
+    return _build("dinov2_reg", source, config, out_indices, patch_size)

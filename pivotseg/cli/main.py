@@ -14,6 +14,7 @@ from pivotseg.errors import PivotsegError
 
 COMMANDS: dict[str, str] = {
     "weights": "pivotseg.cli.weights",
+    "data": "pivotseg.cli.data",
 }
 
 

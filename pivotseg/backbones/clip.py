@@ -1,0 +1,289 @@
+"""CLIP ViT through transformers' ``CLIPModel`` / ``CLIPVisionModel`` (wrapped, not forked).
+
+Feature maps are the patch tokens (class token dropped) after chosen encoder layers, before the
+final ``post_layernorm``, as for DINOv2. Position embeddings are resized bicubically to the input
+grid by transformers' own ``interpolate_pos_encoding`` (unchanged at the pretraining size), so any
+multiple of the patch size works.
+
+Text side, for open-vocabulary and vision-language methods: a backbone built from a full
+``CLIPModel`` (hub ids such as ``openai/clip-vit-base-patch16``, or ``with_text=True`` for random
+weights) also keeps the text tower and both projections:
+
+- :meth:`ClipBackbone.encode_text` gives L2-normalised text embeddings ``(N, D)``;
+- :meth:`ClipBackbone.project_patch_tokens` maps patch tokens into the same space
+  (``post_layernorm`` then ``visual_projection``, what CLIP applies to its class token).
+
+Strings need a tokenizer: ``CLIPTokenizer`` is loaded from the same source when it holds tokenizer
+files and :meth:`ClipBackbone.save_pretrained` writes it next to the weights; otherwise pass token
+ids. :meth:`forward` does not use the text tower or ``post_layernorm``: when those parameters are
+trained under DDP, enable ``find_unused_parameters`` (or build with ``with_text=False``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+from pivotseg.backbones.base import (
+    Backbone,
+    is_saved_folder,
+    load_state_strict,
+    read_saved_folder,
+    tokens_to_map,
+)
+from pivotseg.backbones.dinov2 import from_pretrained_checked, pick_model_class
+from pivotseg.errors import ConfigError
+
+_VIT_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+_VIT_L = dict(
+    hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+)
+_TEXT_B = dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, intermediate_size=2048)
+_TEXT_L = dict(
+    hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+)
+
+# The published OpenAI CLIP ViT sizes: vision tower, text tower, joint embedding width.
+PRESETS: dict[str, dict[str, Any]] = {
+    "vit_b32": dict(vision={**_VIT_B, "patch_size": 32, "image_size": 224}, text=_TEXT_B, dim=512),
+    "vit_b16": dict(vision={**_VIT_B, "patch_size": 16, "image_size": 224}, text=_TEXT_B, dim=512),
+    "vit_l14": dict(vision={**_VIT_L, "patch_size": 14, "image_size": 224}, text=_TEXT_L, dim=768),
+    "vit_l14_336": dict(
+        vision={**_VIT_L, "patch_size": 14, "image_size": 336}, text=_TEXT_L, dim=768
+    ),
+}
+HUB_IDS = {
+    "vit_b32": "openai/clip-vit-base-patch32",
+    "vit_b16": "openai/clip-vit-base-patch16",
+    "vit_l14": "openai/clip-vit-large-patch14",
+    "vit_l14_336": "openai/clip-vit-large-patch14-336",
+}
+
+# config.json model_type -> class; saved class name -> (model class, config class).
+MODEL_TYPES = {"clip": CLIPModel, "clip_vision_model": CLIPVisionModel}
+SAVED_CLASSES = {
+    "CLIPModel": (CLIPModel, CLIPConfig),
+    "CLIPVisionModel": (CLIPVisionModel, CLIPVisionConfig),
+}
+# Keys of a full CLIPModel checkpoint that a vision-only load leaves unused on purpose.
+NON_VISION_KEYS = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+class ClipBackbone(Backbone):
+    name = "clip"
+    # OpenAI CLIP's statistics, on the 0-255 scale.
+    pixel_mean = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
+    pixel_std = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
+
+    def __init__(self, model: CLIPModel | CLIPVisionModel, out_indices=None, tokenizer=None):
+        super().__init__(out_indices)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.patch_size = self.size_divisor = self.vision.config.patch_size
+
+    @property
+    def vision(self) -> CLIPVisionModel:
+        """The vision tower (the whole model when it was loaded without text)."""
+        return self.model.vision_model if isinstance(self.model, CLIPModel) else self.model
+
+    @property
+    def has_text(self) -> bool:
+        return isinstance(self.model, CLIPModel)
+
+    @property
+    def blocks(self):
+        return list(self.vision.encoder.layers)
+
+    @property
+    def block_dims(self):
+        return [self.vision.config.hidden_size] * self.vision.config.num_hidden_layers
+
+    def block_strides(self):
+        return [self.patch_size] * self.vision.config.num_hidden_layers
+
+    def _split_block_output(self, index, output):
+        tensor = output[0] if isinstance(output, tuple) else output
+        cls, tokens = tensor[:, :1], tensor[:, 1:]
+
+        def rebuild(new_tokens):
+            out = torch.cat([cls, new_tokens], dim=1)
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        return tokens, self._current_hw, rebuild
+
+    def forward_blocks(self, pixel_values, indices):
+        h, w = pixel_values.shape[-2:]
+        self._current_hw = (h // self.patch_size, w // self.patch_size)
+        wanted = set(indices)
+        vision = self.vision
+        x = vision.embeddings(pixel_values, interpolate_pos_encoding=True)
+        x = vision.pre_layrnorm(x)
+        maps = {}
+        for i, layer in enumerate(vision.encoder.layers):
+            x = layer(x, None)
+            x = x[0] if isinstance(x, tuple) else x
+            if i in wanted:
+                maps[i] = tokens_to_map(x[:, 1:], self._current_hw)
+            if i >= max(wanted):
+                break
+        return [maps[i] for i in indices]
+
+    # ----- text side ------------------------------------------------------------------------------
+    def _text_model(self, what: str) -> CLIPModel:
+        if not self.has_text:
+            raise ConfigError(
+                f"clip: {what} needs the text tower, but this backbone holds the vision tower "
+                "only; build it from a full CLIPModel source or with with_text=True"
+            )
+        return self.model
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` for ``texts`` (needs a tokenizer)."""
+        if self.tokenizer is None:
+            raise ConfigError(
+                "clip: no tokenizer came with these weights (no tokenizer.json/vocab.json in the "
+                "source); pass token ids to encode_text or use a source that has them"
+            )
+        max_len = self.model.config.text_config.max_position_embeddings
+        tokens = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+        )
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+    def encode_text(
+        self, texts: Sequence[str] | torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """L2-normalised text embeddings ``(N, projection_dim)``.
+
+        Args:
+            texts: strings (tokenised with the source's tokenizer) or token ids ``(N, L)``
+                (each row holding CLIP's end-of-text token, as the tokenizer writes it).
+            attention_mask: ``(N, L)`` when ``texts`` are ids with padding.
+        """
+        model = self._text_model("encode_text")
+        if isinstance(texts, torch.Tensor):
+            inputs = {"input_ids": texts, "attention_mask": attention_mask}
+        else:
+            inputs = self.tokenize(texts)
+        device = model.text_projection.weight.device
+        inputs = {k: v.to(device) if v is not None else None for k, v in inputs.items()}
+        out = model.get_text_features(**inputs)
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        return F.normalize(feats, dim=-1)
+
+    def project_patch_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """Patch features in the joint image-text space (not normalised).
+
+        Args:
+            features: a feature map ``(B, C, h, w)`` as :meth:`forward` returns (normally of the
+                last block) or tokens ``(B, N, C)``.
+
+        Returns:
+            The same layout with ``projection_dim`` channels.
+        """
+        model = self._text_model("project_patch_tokens")
+        tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
+        out = model.visual_projection(self.vision.post_layernorm(tokens))
+        return tokens_to_map(out, tuple(features.shape[-2:])) if features.ndim == 4 else out
+
+    # ----- persistence ------------------------------------------------------------------------
+    def config_dict(self):
+        return {
+            "name": self.name,
+            "model_class": type(self.model).__name__,
+            "config": self.model.config.to_dict(),
+            "out_indices": self._out_indices,
+        }
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Weights and config as :class:`Backbone` writes them, plus the tokenizer if any."""
+        folder = super().save_pretrained(folder)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(folder))
+        return folder
+
+
+def load_clip_tokenizer(source):
+    """``CLIPTokenizer`` from ``source``, or ``None`` when it holds no tokenizer files."""
+    from transformers import CLIPTokenizer
+
+    # Without files, from_pretrained builds a 2-token tokenizer instead of failing: check first.
+    if Path(source).is_dir() and not any((Path(source) / f).exists() for f in TOKENIZER_FILES):
+        return None
+    try:
+        return CLIPTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError):
+        return None
+
+
+def random_clip_model(config: dict[str, Any], with_text: bool) -> CLIPModel | CLIPVisionModel:
+    """A randomly initialised model from ``{"variant": ..., **vision overrides}``.
+
+    ``text_config`` (overrides of the text tower) and ``projection_dim`` apply with text only.
+    """
+    config = dict(config)
+    variant = config.pop("variant", "vit_b16")
+    if variant not in PRESETS:
+        raise ConfigError(f"clip: unknown variant {variant!r}; known: {', '.join(PRESETS)}")
+    preset = PRESETS[variant]
+    text = {**preset["text"], **config.pop("text_config", {})}
+    dim = config.pop("projection_dim", preset["dim"])
+    vision = {**preset["vision"], **config}
+    if not with_text:
+        return CLIPVisionModel(CLIPVisionConfig(**vision))
+    return CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=dim))
+
+
+def build_clip(
+    source=None, config=None, out_indices=None, with_text: bool | None = None
+) -> ClipBackbone:
+    """CLIP ViT from a hub id / transformers folder / saved folder, or random from a preset.
+
+    Args:
+        source: ``openai/clip-vit-base-patch16``, a transformers ``save_pretrained`` folder of a
+            ``CLIPModel`` or ``CLIPVisionModel``, a pivotseg backbone folder, or ``None``.
+        config: random weights: ``{"variant": "vit_b16", ...}`` (see :data:`PRESETS`) plus any
+            ``CLIPVisionConfig`` field, ``text_config`` and ``projection_dim``; with a source:
+            keyword arguments for ``from_pretrained``.
+        with_text: keep the text tower and projections. ``None``: what the source holds (no text
+            for random weights); ``False`` loads only the vision tower of a full checkpoint.
+
+    Raises:
+        CheckpointError: the source is not a CLIP checkpoint or its keys do not fit.
+        ConfigError: ``with_text=True`` with a vision-only source, or an unknown variant.
+    """
+    config = dict(config or {})
+    if is_saved_folder(source):
+        saved, state = read_saved_folder(source)
+        model_class, config_class = SAVED_CLASSES[saved["model_class"]]
+        model = model_class(config_class(**saved["config"]))
+        tokenizer = load_clip_tokenizer(source) if model_class is CLIPModel else None
+        wrapper = ClipBackbone(model, out_indices or saved.get("out_indices"), tokenizer)
+        load_state_strict(wrapper, state, source, f"pivotseg clip ({saved['model_class']})")
+        return wrapper
+    if source is None:
+        return ClipBackbone(random_clip_model(config, bool(with_text)), out_indices)
+    model_class = pick_model_class(source, "clip", MODEL_TYPES)
+    allow_unexpected: tuple[str, ...] = ()
+    if with_text and model_class is CLIPVisionModel:
+        raise ConfigError(
+            f"{source}: holds only a CLIP vision tower; with_text=True needs a full CLIPModel "
+            "checkpoint (e.g. openai/clip-vit-base-patch16)"
+        )
+    if with_text is False and model_class is CLIPModel:
+        model_class, allow_unexpected = CLIPVisionModel, NON_VISION_KEYS
+    model = from_pretrained_checked(
+        model_class,
+        source,
+        f"transformers {model_class.__name__}",
+        allow_unexpected=allow_unexpected,
+        **config,
+    )
+    tokenizer = load_clip_tokenizer(source) if model_class is CLIPModel else None
+    return ClipBackbone(model, out_indices, tokenizer)

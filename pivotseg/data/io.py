@@ -1,0 +1,121 @@
+"""Reading images and label maps with Pillow, turning every failure into a one-line DataError.
+
+Label maps come back as raw integer ids (the dataset's own numbering): palette PNGs give their
+indices, 8/16-bit grey PNGs their values, colour PNGs an ``(H, W, 3)`` array (only formats that
+define colours accept those). 16-bit RGB PNGs (SYNTHIA's ``GT/LABELS``) are not supported by
+Pillow's modes, which keep only the high byte of each channel; :func:`read_png16_rgb` decodes them
+twice, once per byte, to recover the full values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pivotseg.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError)
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    if not path.exists():
+        raise DataError(f"{path}: {what} file is missing; restore it or remove its pair")
+    try:
+        img = Image.open(path)
+        img.load()
+    except _READ_ERRORS as err:
+        raise DataError(
+            f"{path}: cannot read the {what} ({err}); re-download or re-export the file, "
+            "or remove it with its pair"
+        ) from None
+    return img
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An RGB image as ``uint8 (H, W, 3)``; grey, palette and alpha images are converted.
+
+    Raises:
+        DataError: naming the file when it is missing, truncated or not an image.
+    """
+    img = _open(Path(path), "image")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(H, W)`` from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except _READ_ERRORS as err:
+        raise DataError(f"{path}: cannot read the image header ({err}); re-export it") from None
+    return h, w
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """Raw label ids: ``(H, W)`` integers, or ``(H, W, 3)`` uint8 for colour label images.
+
+    Raises:
+        DataError: naming the file when it is missing or unreadable.
+    """
+    path = Path(path)
+    img = _open(path, "label")
+    if img.mode in ("P", "L", "1"):
+        return np.asarray(img, dtype=np.uint8)
+    if img.mode.startswith("I"):
+        return np.asarray(img).astype(np.int64)
+    if img.mode in ("RGB", "RGBA") and _png_bit_depth(path) == 16:
+        return read_png16_rgb(path)
+    if img.mode in ("RGB", "RGBA"):
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    if img.mode == "LA":
+        return np.asarray(img.getchannel(0), dtype=np.uint8)
+    raise DataError(f"{path}: label image mode {img.mode} is not supported; save it as a grey PNG")
+
+
+def _png_bit_depth(path: Path) -> int:
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or len(head) < 26:
+        return 8
+    return head[24]
+
+
+def read_png16_rgb(path: str | Path) -> np.ndarray:
+    """A 16-bit RGB(A) PNG as ``int64 (H, W, 3)`` with the full 16-bit channel values.
+
+    Pillow decodes such files to 8-bit RGB with the high byte of each channel (raw mode
+    ``RGB;16B``). Decoding again with the little-endian raw mode (``RGB;16L``) makes the unpacker
+    take the other byte, so two decodes give both bytes; the PNG filters are undone by the same
+    zlib decoder either way.
+    """
+    path = Path(path)
+    planes = []
+    for order in ("B", "L"):
+        try:
+            img = Image.open(path)
+            tile = img.tile[0]
+            rawmode = f"{img.mode};16{order}"
+            img.tile = [(tile[0], tile[1], tile[2], rawmode)]
+            img.load()
+        except _READ_ERRORS as err:
+            raise DataError(f"{path}: cannot read the 16-bit label ({err}); re-export it") from None
+        planes.append(np.asarray(img.convert("RGB"), dtype=np.int64))
+    high, low = planes
+    return high * 256 + low
+
+
+def list_files(folder: Path, suffixes: tuple[str, ...], recursive: bool = False) -> list[Path]:
+    """Sorted files in ``folder`` whose names end with one of ``suffixes`` (case-insensitive)."""
+    if not folder.is_dir():
+        return []
+    pattern = "**/*" if recursive else "*"
+    lowered = tuple(s.lower() for s in suffixes)
+    return sorted(
+        p for p in folder.glob(pattern) if p.is_file() and p.name.lower().endswith(lowered)
+    )

@@ -1,0 +1,54 @@
+"""Decode heads: backbone feature maps -> per-class scores (see :class:`~.base.Head`).
+
+:data:`HEADS` is a plain dictionary of head classes; :func:`build_head` looks names up in it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+from pivotseg.errors import ConfigError
+from pivotseg.heads.base import Head
+from pivotseg.heads.fpn import FPNHead
+from pivotseg.heads.mask2former import Mask2FormerHead
+
+HEADS: dict[str, type[Head]] = {
+    "fpn": FPNHead,
+    "mask2former": Mask2FormerHead,
+}
+
+
+def build_head(
+    name: str, in_dims: Sequence[int], in_strides: Sequence[int], num_classes: int, **args: Any
+) -> Head:
+    """Build the head ``name`` for backbone levels of ``in_dims`` channels at ``in_strides``.
+
+    Args:
+        name: a key of :data:`HEADS`.
+        in_dims, in_strides: ``backbone.out_dims`` and ``backbone.out_strides``.
+        num_classes: number of classes K.
+        **args: the head's own settings (see its class docstring).
+
+    Raises:
+        ConfigError: unknown head name or setting (naming the closest valid one).
+    """
+    if name not in HEADS:
+        raise ConfigError(f"unknown head {name!r}; known: {', '.join(sorted(HEADS))}")
+    cls = HEADS[name]
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    settable = [p for p in valid if p not in ("in_dims", "in_strides", "num_classes")]
+    for key in args:
+        if key not in settable:
+            close = difflib.get_close_matches(key, settable, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"head_args: {name!r} head has no setting {key!r}; {hint}"
+                f"valid: {', '.join(settable)}"
+            )
+    return cls(list(in_dims), list(in_strides), num_classes, **args)
+
+
+__all__ = ["HEADS", "Head", "build_head", "FPNHead", "Mask2FormerHead"]

@@ -1,0 +1,356 @@
+"""The segmenter: backbone + tuning method + decode head, with its config and checkpoints.
+
+A checkpoint folder holds ``segmenter.json`` (the :class:`SegmenterConfig`) and
+``model.safetensors`` with only what training changed (:meth:`Segmenter.trainable_state_dict`):
+the frozen backbone is rebuilt from ``backbone_source`` (a hub id or a local folder). When
+there is no source (random backbone, as in tests and toy runs), :meth:`Segmenter.save` stores
+the backbone's tensors as well so that the folder still rebuilds the same model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pivotseg.backbones import build_backbone
+from pivotseg.backbones.base import Backbone
+from pivotseg.errors import CheckpointError, ConfigError
+from pivotseg.heads import HEADS, build_head
+from pivotseg.heads.base import IGNORE_INDEX, Head
+
+CONFIG_FILE = "segmenter.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class SegmenterConfig:
+    """Everything needed to rebuild a segmenter (weights aside).
+
+    Attributes:
+        num_classes: K, the classes the head predicts.
+        class_names: optional names of the K classes (saved for prediction tools).
+        backbone: a key of :data:`pivotseg.backbones.BACKBONES`.
+        backbone_source: hub id or local folder of pretrained weights; ``None`` = random.
+        backbone_config: architecture settings for the backbone builder.
+        backbone_kwargs: other builder arguments (e.g. ``{"patch_size": 16}`` for DINOv2).
+        out_indices: backbone blocks fed to the head (default: four spread blocks).
+        method: a key of :data:`pivotseg.tuning.METHODS`.
+        method_args: the tuning method's constructor arguments.
+        head: a key of :data:`pivotseg.heads.HEADS`.
+        head_args: the head's constructor arguments.
+    """
+
+    num_classes: int
+    class_names: list[str] | None = None
+    backbone: str = "dinov2"
+    backbone_source: str | None = None
+    backbone_config: dict = field(default_factory=dict)
+    backbone_kwargs: dict = field(default_factory=dict)
+    out_indices: list[int] | None = None
+    method: str = "frozen"
+    method_args: dict = field(default_factory=dict)
+    head: str = "fpn"
+    head_args: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ConfigError(f"model.num_classes={self.num_classes!r}: give a positive integer")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ConfigError(
+                f"model.class_names has {len(self.class_names)} names but num_classes is "
+                f"{self.num_classes}; give one name per class or leave class_names empty"
+            )
+        if self.head not in HEADS:
+            raise ConfigError(f"model.head={self.head!r} is unknown; known: {', '.join(HEADS)}")
+        if self.backbone_source is not None:
+            self.backbone_source = str(self.backbone_source)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "model") -> SegmenterConfig:
+        """Build from a plain dict; unknown keys raise a ConfigError naming the closest key."""
+        valid = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(valid)}"
+                raise ConfigError(f"{where}: unknown key {key!r}; {hint}")
+        if "num_classes" not in data:
+            raise ConfigError(f"{where}: num_classes is required")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Segmenter(nn.Module):
+    """Images (0-255 RGB) to per-class logits, plus training and checkpoint helpers.
+
+    Built by :func:`build_segmenter`; holds ``backbone``, ``tuning`` (the method, which
+    references the backbone without owning it) and ``head``.
+    """
+
+    def __init__(self, config: SegmenterConfig, backbone: Backbone, tuning: nn.Module, head: Head):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.tuning = tuning
+        self.head = head
+        mean, std = backbone.pixel_stats()
+        # Constants of the backbone: never part of a checkpoint.
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    # ----- inference ------------------------------------------------------------------------
+    def _run(self, images: torch.Tensor):
+        """Normalise, pad bottom/right to the backbone's size divisor, run backbone and head."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"segmenter: expected images (B, 3, H, W), got {tuple(images.shape)}")
+        x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        d = self.backbone.size_divisor
+        pad_h, pad_w = -x.shape[-2] % d, -x.shape[-1] % d
+        # Padding after normalisation with 0 = the mean colour, as mmseg's data preprocessor.
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+        features = self.backbone(x)
+        queries = self.tuning.queries() if self.head.uses_queries else None
+        return self.head(features, queries), (pad_h, pad_w)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, K, H, W)`` for float images ``(B, 3, H, W)`` on the 0-255 scale."""
+        h, w = images.shape[-2:]
+        outputs, (pad_h, pad_w) = self._run(images)
+        return self.head.logits(outputs, (h + pad_h, w + pad_w))[..., :h, :w]
+
+    # ----- training -------------------------------------------------------------------------
+    def compute_loss(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Head loss (+ the tuning method's extra losses in training mode).
+
+        ``labels (B, H, W)`` int64 with 255 = ignore; they are padded with 255 like the images,
+        so head and tuning method see labels aligned with the padded input.
+        """
+        if labels.shape[-2:] != images.shape[-2:]:
+            raise ValueError(
+                f"segmenter: labels {tuple(labels.shape)} do not match images {tuple(images.shape)}"
+            )
+        outputs, (pad_h, pad_w) = self._run(images)
+        labels = F.pad(labels.long(), (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+        parts = dict(self.head.loss(outputs, labels))
+        if self.training:
+            for name, value in self.tuning.extra_loss(labels).items():
+                if name in parts:
+                    raise ValueError(f"segmenter: loss term {name!r} comes from head and method")
+                parts[name] = value
+        loss = sum(parts.values())
+        return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """Optimiser groups over the trainable parameters, one per (lr_mult, decay_mult).
+
+        The tuning method's rules (substring of the full name, first match wins) come first;
+        head parameters it does not match go without decay for norms, biases and embedding
+        tables; everything else gets multipliers 1. Frozen parameters are left out. Each group
+        carries ``lr``, ``weight_decay``, ``lr_mult``, ``decay_mult`` and ``param_names``.
+        """
+        rules = list(self.tuning.param_group_rules())
+        head_no_decay = {f"head.{n}" for n in self.head.no_decay_parameter_names()}
+        groups: dict[tuple[float, float], dict] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            options = next((opts for key, opts in rules if key in name), None)
+            if options is None:
+                options = {"decay_mult": 0.0 if name in head_no_decay else 1.0}
+            key = (float(options.get("lr_mult", 1.0)), float(options.get("decay_mult", 1.0)))
+            group = groups.setdefault(
+                key,
+                {
+                    "params": [],
+                    "param_names": [],
+                    "lr": lr * key[0],
+                    "weight_decay": weight_decay * key[1],
+                    "lr_mult": key[0],
+                    "decay_mult": key[1],
+                },
+            )
+            group["params"].append(param)
+            group["param_names"].append(name)
+        return list(groups.values())
+
+    # ----- checkpoints ----------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained parameters plus the tuning method's and head's persistent buffers."""
+        state = {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+        persistent = self.state_dict(keep_vars=True).keys()
+        for name, buffer in self.named_buffers():
+            if name.startswith(("tuning.", "head.")) and name in persistent:
+                state[name] = buffer.detach()
+        return state
+
+    def _checkpoint_state(self) -> dict[str, torch.Tensor]:
+        state = self.trainable_state_dict()
+        if self.config.backbone_source is None:
+            # A random backbone cannot be rebuilt from a source: keep all of it.
+            for name, tensor in self.backbone.state_dict().items():
+                state.setdefault(f"backbone.{name}", tensor.detach())
+        return state
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``segmenter.json`` and ``model.safetensors`` (trained tensors only)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+        save_file(_unshared(self._checkpoint_state()), str(folder / WEIGHTS_FILE))
+        return folder
+
+    def load_trained(self, source: str | Path | dict[str, torch.Tensor]) -> None:
+        """Load a ``model.safetensors`` (or a tensor dict) written by :meth:`save`, strictly.
+
+        Raises:
+            CheckpointError: keys missing, unexpected or of another shape (the first few named).
+        """
+        from safetensors.torch import load_file
+
+        if isinstance(source, dict):
+            state, where = source, "checkpoint"
+        else:
+            path = Path(source)
+            if path.is_dir():
+                path = path / WEIGHTS_FILE
+            if not path.exists():
+                raise CheckpointError(f"{path}: missing; pass a folder written by Segmenter.save")
+            state, where = load_file(str(path)), str(path)
+        own = self._checkpoint_state()
+        optional = set() if self.config.backbone_source is None else _backbone_keys(self)
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own and k not in optional]
+        shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+        if missing or unexpected or shape:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+            if shape:
+                k = shape[0]
+                parts.append(
+                    f"{len(shape)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs "
+                    f"{tuple(own[k].shape)})"
+                )
+            c = self.config
+            raise CheckpointError(
+                f"{where}: does not fit this {c.backbone}/{c.method}/{c.head} segmenter: "
+                f"{'; '.join(parts)}; load it with the segmenter.json it was saved with"
+            )
+        self.load_state_dict(state, strict=False)
+
+
+def _default_arg(cls: type, name: str):
+    param = inspect.signature(cls.__init__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def _backbone_keys(model: Segmenter) -> set[str]:
+    return {f"backbone.{k}" for k in model.backbone.state_dict()}
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors with no shared memory (safetensors refuses shared storage).
+
+    ``named_parameters`` already lists a tied parameter once; this only copies the rare
+    distinct tensors that view one storage.
+    """
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    return out
+
+
+def build_segmenter(cfg: SegmenterConfig | dict, backbone: Backbone | None = None) -> Segmenter:
+    """Backbone (from ``cfg.backbone_source`` or random) + tuning method + head.
+
+    Query linkage is wired here: a method with queries (``num_queries > 0``) and a head that
+    accepts them give ``external_queries=True`` to the head, and the method's ``query_dim``
+    defaults to the head's ``hidden_dim``; with a head that takes no queries, a method that has
+    a ``link_queries`` option gets ``link_queries=False``. Explicit settings in ``cfg`` win,
+    and these derived ones are not written back into ``cfg``.
+
+    Args:
+        cfg: the config (or its dict form).
+        backbone: an already built backbone to use instead of building one from ``cfg``.
+    """
+    from pivotseg.tuning import METHODS, build_method
+
+    if isinstance(cfg, dict):
+        cfg = SegmenterConfig.from_dict(cfg)
+    if backbone is None:
+        backbone = build_backbone(
+            cfg.backbone,
+            cfg.backbone_source,
+            config=dict(cfg.backbone_config),
+            out_indices=cfg.out_indices,
+            **cfg.backbone_kwargs,
+        )
+    method_args = dict(cfg.method_args)
+    if cfg.method in METHODS:
+        accepted = inspect.signature(METHODS[cfg.method].__init__).parameters
+        head_cls = HEADS[cfg.head]
+        if head_cls.accepts_queries and "query_dim" in accepted:
+            # Queries must have the head's width; derived, so the saved config stays as given.
+            hidden = cfg.head_args.get("hidden_dim", _default_arg(head_cls, "hidden_dim"))
+            if hidden is not None:
+                method_args.setdefault("query_dim", hidden)
+        if not head_cls.accepts_queries and "link_queries" in accepted:
+            # Query-link layers would never receive gradients with a head that takes none.
+            method_args.setdefault("link_queries", False)
+    tuning = build_method(cfg.method, backbone, cfg.num_classes, **method_args)
+    head_args = dict(cfg.head_args)
+    if getattr(tuning, "num_queries", 0) and HEADS[cfg.head].accepts_queries:
+        # Rein's query linkage: the method's queries replace the head's learnt ones.
+        head_args.setdefault("external_queries", True)
+    head = build_head(
+        cfg.head, backbone.out_dims, backbone.out_strides, cfg.num_classes, **head_args
+    )
+    return Segmenter(cfg, backbone, tuning, head)
+
+
+def load_segmenter(folder: str | Path, backbone_source: str | Path | None = None) -> Segmenter:
+    """Rebuild a segmenter saved by :meth:`Segmenter.save` and load its trained tensors.
+
+    Args:
+        folder: the checkpoint folder (``segmenter.json`` + ``model.safetensors``).
+        backbone_source: where the pretrained backbone is now, if not where the config says
+            (e.g. a local copy of a hub model).
+
+    Raises:
+        CheckpointError: the folder is incomplete or its tensors do not fit the config.
+    """
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILE
+    if not config_path.exists():
+        raise CheckpointError(
+            f"{folder}: no {CONFIG_FILE}; pass a folder written by Segmenter.save"
+        )
+    data = json.loads(config_path.read_text())
+    if backbone_source is not None:
+        data["backbone_source"] = str(backbone_source)
+    cfg = SegmenterConfig.from_dict(data, where=str(config_path))
+    model = build_segmenter(cfg)
+    model.load_trained(folder / WEIGHTS_FILE)
+    return model.eval()

@@ -1,0 +1,357 @@
+"""``dpft``: Dynamic Prompt Fine-Tuning, our concrete design of SPL/DPFT (methods.md section 2 [P]).
+
+The paper (arXiv 2508.01582) publishes no method section or code; everything here follows the
+[P] design in methods.md, which is ours, and every ingredient can be switched off for the
+ablation grid (Rein -> +class-structured -> +rho gating -> +U(z) -> +focus gate -> +L_pivot).
+
+**Dynamic Class-aware Prompter (DCP)**, at block l with patch tokens ``f (B, N, c)``:
+
+* static prompt bank ``E_l = A_l B_l`` (``(M, r)`` x ``(r, c)``), laid out as token 0 = null
+  token, then ``per_class`` tokens for each of the K classes (``class_prompts``), then generic
+  tokens. ``M = 1 + K * per_class + G``; G fills the total to ``num_tokens`` (100) and is at
+  least ``min_generic`` (8) when the class tokens alone reach it;
+* class presence (``presence_gating``)::
+
+      rho_{l,k} = sigmoid( log( mean_n exp(cos(f_n, P_k) / tau) ) - b ),   tau = 0.07
+
+  methods.md writes ``sigmoid((1/tau) logsumexp_n cos - b)``; read literally that grows with
+  ``log N`` (the crop size) and saturates at 1 for any b near 0, so we take the temperature
+  inside the log-sum-exp and subtract ``log N`` (a log-mean-exp: a soft maximum of the cosine
+  over patches, in ``[-1/tau, 1/tau]``). ``b`` (``presence_bias``) is one learnable scalar,
+  initialised 0. Classes whose pivot has no data yet get ``rho = 1``;
+* dynamic prompts (``dynamic_context``): ``T_l = E_l + rho~ * U(z_l)`` with ``z_l = mean_n f_n``
+  and ``U`` a Linear ``c -> 64``, GELU, Linear ``64 -> c`` shared across blocks, its output layer
+  zero-initialised (so training starts from static prompts). ``rho~_j`` is the presence of token
+  j's class, 1 for the null and generic tokens.
+
+**Prompt-guided Feature Focuser (PFF)**, after block l::
+
+    S     = softmax( (f W_q)(T_l W_k)^T / sqrt(d) + log rho~ )      # W_q, W_k: c -> d (256)
+    dfbar = S[:, :, 1:] @ MLP_T(T_l[1:])
+    df    = MLP_D(dfbar + f)
+    g     = 1 - S[:, :, 0]                                           # focus gate
+    f     = f + gamma_l * g * df                                     # gamma_l init 1e-3
+
+``W_q``/``W_k`` are bias-free and shared across blocks; ``MLP_T``/``MLP_D`` are Rein's shared
+``c x c`` layers. Switching off ``focus_gate`` sets g = 1; ``presence_gating`` off drops the
+``log rho~`` bias and uses rho~ = 1 in ``U``. With every switch off the update is Rein's with a
+learned bilinear similarity ``W_q W_k^T / sqrt(d)`` in place of ``I / sqrt(c)`` and a per-layer
+scale in place of Rein's single one: with ``attn_dim = c``, ``W_q = W_k = I`` and all gamma_l
+equal to Rein's scale it computes exactly Rein (tested).
+
+**Set pivots** (:class:`~pivotseg.tuning.pivots.PivotBank`, non-learnable buffers ``(K, c)``):
+EMA (momentum 0.999) of the class means of the patch tokens of the pivot block, over patches
+where >= 50% of the pixels carry the class; updated in :meth:`DPFT.extra_loss` (the labels arrive
+there) from tokens the hooks cached during the forward. Pivot tokens are the pivot block's output
+*before* its own PFF update, detached. :meth:`DPFT.init_pivots` sets them to plain class means
+over warm-up batches (methods.md: one pass over 500 source images); without warm-up the first
+training batch that shows a class initialises its pivot.
+
+**Pivot loss** (``pivot_loss``): InfoNCE (tau 0.1) between per-image class-pooled PFF outputs at
+``pivot_layers`` (default: the backbone's ``out_indices``) and the valid pivots, over the classes
+present in each image, averaged over layers, times ``pivot_weight`` (lambda_p = 0.1).
+
+**Queries**: as Rein, from the static banks ``E_l``; ``num_queries = M``.
+
+**Hierarchical backbones** (ours): tokens, ``U``, ``W_q``/``W_k``, the MLPs and ``W_t`` exist per
+distinct block width, as in :mod:`pivotseg.tuning.rein`. There is one pivot bank per width, fed by
+the last block of that width that a forward runs, so ``rho`` and the pivot loss of a block always
+compare features of one width. For a plain ViT this is a single bank from the last block.
+
+**Optional orthogonality penalty** (``ortho_weight``, default 0 = off; methods.md lists it as
+optional at 1e-3): the mean squared cosine between different classes' mean prompt vectors of
+``E_l``, averaged over blocks. methods.md puts it on the class blocks of ``A_l``; with r = 16 and
+19 classes those cannot be mutually orthogonal, so we apply it in the c-dimensional prompt space.
+Without it (or gating), ``class_prompts`` alone only relabels tokens: the computation equals the
+unstructured bank's unless the layout changes the token count.
+
+**Budget** for DINOv2-L (24 blocks, c = 1024), K = 19, defaults: prompts 431,616; U 132,160;
+W_q, W_k 524,288; shared MLPs 2,099,200; gamma 24; query link 459,264; presence bias b 1; total
+3,646,553 (methods.md's table: 3,646,552, which leaves out b).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pivotseg.backbones.base import Backbone
+from pivotseg.errors import ConfigError
+from pivotseg.tuning.base import Rule
+from pivotseg.tuning.pivots import PivotBank, class_pool, patch_classes, pivot_info_nce
+from pivotseg.tuning.rein import NO_DECAY, TokenMethod
+
+
+class DPFT(TokenMethod):
+    """DPFT: class-aware dynamic prompts, focused feature refinement and set pivots.
+
+    Args:
+        backbone: the backbone (frozen on attach).
+        num_classes: K, the classes of the segmentation task.
+        num_tokens: total tokens per block used to size the generic group (100, as Rein).
+        per_class: prompt tokens per class.
+        generic_tokens: G; default fills to ``num_tokens`` (at least ``min_generic``).
+        min_generic: the least G when the class tokens fill ``num_tokens``.
+        rank: r of ``E_l = A_l B_l``.
+        query_dim: width of :meth:`queries`.
+        attn_dim: d of ``W_q``/``W_k``.
+        context_rank: hidden width of ``U``.
+        gamma_init: initial per-layer scale.
+        presence_tau: tau of the presence soft maximum.
+        pivot_momentum: EMA momentum of the pivots.
+        pivot_weight: lambda_p of the pivot loss.
+        pivot_tau: InfoNCE temperature.
+        pivot_layers: blocks whose PFF outputs enter the pivot loss (default ``out_indices``).
+        ortho_weight: weight of the optional prompt orthogonality penalty (0 = off).
+        class_prompts, presence_gating, dynamic_context, focus_gate, pivot_loss: ablation
+            switches (all on = the full method).
+        link_queries: build the query link (off for heads without queries).
+        ignore_index: label value without a class.
+    """
+
+    name = "dpft"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        num_tokens: int = 100,
+        per_class: int = 4,
+        generic_tokens: int | None = None,
+        min_generic: int = 8,
+        rank: int = 16,
+        query_dim: int = 256,
+        attn_dim: int = 256,
+        context_rank: int = 64,
+        gamma_init: float = 1e-3,
+        presence_tau: float = 0.07,
+        pivot_momentum: float = 0.999,
+        pivot_weight: float = 0.1,
+        pivot_tau: float = 0.1,
+        pivot_layers: list[int] | None = None,
+        ortho_weight: float = 0.0,
+        class_prompts: bool = True,
+        presence_gating: bool = True,
+        dynamic_context: bool = True,
+        focus_gate: bool = True,
+        pivot_loss: bool = True,
+        link_queries: bool = True,
+        ignore_index: int = 255,
+    ):
+        args = {k: v for k, v in locals().items() if k not in ("self", "backbone", "num_classes")}
+        args.pop("__class__", None)
+        super().__init__(backbone, num_classes, **args)
+        if presence_gating and not class_prompts:
+            raise ConfigError(
+                "dpft: presence_gating gates class tokens; turn class_prompts on or gating off"
+            )
+        self.per_class = per_class if class_prompts else 0
+        class_count = num_classes * self.per_class
+        if generic_tokens is None:
+            generic_tokens = max(num_tokens - 1 - class_count, min_generic if class_prompts else 0)
+        self.num_generic = generic_tokens
+        self.build_tokens(1 + class_count + generic_tokens, rank, query_dim, link_queries)
+
+        self.class_prompts, self.presence_gating = class_prompts, presence_gating
+        self.dynamic_context, self.focus_gate = dynamic_context, focus_gate
+        self.pivot_loss = pivot_loss
+        self.presence_tau, self.pivot_weight, self.pivot_tau = presence_tau, pivot_weight, pivot_tau
+        self.ortho_weight, self.ignore_index = ortho_weight, ignore_index
+        self.attn_dim = attn_dim
+
+        # Class of each token: -1 for the null and generic tokens.
+        token_class = torch.full((self.num_tokens,), -1, dtype=torch.long)
+        if class_count:
+            token_class[1 : 1 + class_count] = torch.arange(num_classes).repeat_interleave(
+                self.per_class
+            )
+        self.register_buffer("token_class", token_class, persistent=False)
+
+        self.attn_q = nn.ModuleDict(
+            {str(c): nn.Linear(c, attn_dim, bias=False) for c in self.widths}
+        )
+        self.attn_k = nn.ModuleDict(
+            {str(c): nn.Linear(c, attn_dim, bias=False) for c in self.widths}
+        )
+        self.gamma = nn.Parameter(torch.full((backbone.num_blocks,), float(gamma_init)))
+        if dynamic_context:
+            self.context = nn.ModuleDict(
+                {str(c): _zero_output_mlp(c, context_rank) for c in self.widths}
+            )
+        if presence_gating:
+            self.presence_bias = nn.Parameter(torch.zeros(()))
+
+        # Pivots: one bank per width, fed by the last block of that width a forward runs.
+        last = self.last_run_block()
+        dims = backbone.block_dims
+        self.pivot_blocks = {
+            c: max(i for i in range(last + 1) if dims[i] == c)
+            for c in self.widths
+            if any(dims[i] == c for i in range(last + 1))
+        }
+        if presence_gating or pivot_loss:
+            self.pivot_banks = nn.ModuleDict(
+                {str(c): PivotBank(num_classes, c, pivot_momentum) for c in self.pivot_blocks}
+            )
+        n = backbone.num_blocks
+        layers = pivot_layers if pivot_layers is not None else backbone.out_indices
+        self.pivot_layers = sorted({i % n for i in layers if -n <= i < n})
+        self.pivot_layers = [i for i in self.pivot_layers if dims[i] in self.pivot_blocks]
+        # Filled by the hooks during a forward, emptied by extra_loss / init_pivots:
+        # width -> (pivot-block tokens, grid, block index); block index -> (PFF output, grid).
+        self._pivot_cache: dict[int, tuple[torch.Tensor, tuple[int, int], int]] = {}
+        self._loss_cache: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+        self._init_sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def uses_pivots(self) -> bool:
+        return self.presence_gating or self.pivot_loss
+
+    # ----- forward ----------------------------------------------------------------------------
+    def update(self, index: int, f: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        c = f.shape[-1]
+        key = str(c)
+        if self.uses_pivots and self.pivot_blocks.get(c) == index:
+            self._pivot_cache[c] = (f.detach(), hw, index)
+        tokens = self.layer_tokens(index).to(f.dtype)  # (M, c)
+        log_rho = self.token_log_presence(f) if self.presence_gating else None  # (B, M)
+        if self.dynamic_context:
+            rho = log_rho.exp() if log_rho is not None else torch.ones_like(f[:, :1, 0])
+            shift = self.context[key](f.mean(1))  # (B, c)
+            tokens = tokens + rho[..., None] * shift[:, None, :]  # (B, M, c)
+        q = self.attn_q[key](f)
+        k = self.attn_k[key](tokens)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(self.attn_dim)
+        if log_rho is not None:
+            logits = logits + log_rho[:, None, :]
+        attn = F.softmax(logits, dim=-1)
+        delta = attn[..., 1:] @ self.mlp_token2feat[key](tokens[..., 1:, :])
+        delta = self.mlp_delta_f[key](delta + f)
+        if self.focus_gate:
+            delta = (1.0 - attn[..., :1]) * delta
+        out = f + self.gamma[index] * delta
+        if self.training and self.pivot_loss and index in self.pivot_layers:
+            self._loss_cache[index] = (out, hw)
+        return out
+
+    def class_presence_logits(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, K)`` presence logits of tokens ``f`` and the ``(K,)`` valid mask of their bank."""
+        bank = self.pivot_banks[str(f.shape[-1])]
+        cos = F.normalize(f, dim=-1) @ F.normalize(bank.pivots.to(f.dtype), dim=-1).T
+        soft_max = torch.logsumexp(cos / self.presence_tau, dim=1) - math.log(f.shape[1])
+        return soft_max - self.presence_bias, bank.valid
+
+    def token_log_presence(self, f: torch.Tensor) -> torch.Tensor | None:
+        """``log rho~`` per token ``(B, M)``: 0 for null/generic tokens and pivot-less classes."""
+        if str(f.shape[-1]) not in self.pivot_banks:
+            return None
+        logits, valid = self.class_presence_logits(f)
+        log_rho = F.logsigmoid(logits) * valid.to(logits.dtype)  # (B, K)
+        log_rho = torch.cat([log_rho, log_rho.new_zeros(log_rho.shape[0], 1)], dim=1)
+        index = self.token_class % (self.num_classes + 1)  # -1 -> the zero column
+        return log_rho[:, index]
+
+    # ----- losses and pivots --------------------------------------------------------------------
+    def extra_loss(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pivot loss (and the optional prompt penalty); then one EMA step of the pivots."""
+        losses: dict[str, torch.Tensor] = {}
+        strides = self.backbone.block_strides()
+        classes_at: dict[tuple, torch.Tensor] = {}
+
+        def classes_of(hw, stride):
+            if (hw, stride) not in classes_at:
+                classes_at[hw, stride] = patch_classes(
+                    labels, hw, stride, self.num_classes, self.ignore_index
+                )
+            return classes_at[hw, stride]
+
+        if self.pivot_loss and self._loss_cache:
+            terms = []
+            for index, (out, hw) in sorted(self._loss_cache.items()):
+                bank = self.pivot_banks[str(out.shape[-1])]
+                sums, counts = class_pool(out, classes_of(hw, strides[index]), self.num_classes)
+                present = counts > 0
+                anchors = sums[present] / counts[present][:, None]
+                anchor_classes = torch.arange(self.num_classes, device=out.device).expand_as(
+                    counts
+                )[present]
+                terms.append(
+                    pivot_info_nce(anchors, anchor_classes, bank.pivots, bank.valid, self.pivot_tau)
+                )
+            losses["loss_pivot"] = self.pivot_weight * torch.stack(terms).mean()
+        if self.ortho_weight > 0 and self.class_prompts:
+            losses["loss_prompt_ortho"] = self.ortho_weight * self.prompt_orthogonality()
+        if self.training and self.uses_pivots:
+            for c, (feat, hw, index) in self._pivot_cache.items():
+                sums, counts = class_pool(feat, classes_of(hw, strides[index]), self.num_classes)
+                self.pivot_banks[str(c)].update(sums.sum(0), counts.sum(0))
+        self._loss_cache.clear()
+        self._pivot_cache.clear()
+        return losses
+
+    def prompt_orthogonality(self) -> torch.Tensor:
+        """Mean squared cosine between different classes' mean prompts, averaged over blocks."""
+        k, p = self.num_classes, self.per_class
+        off_diagonal = ~torch.eye(k, dtype=torch.bool, device=self.token_class.device)
+        terms = []
+        for i in range(self.backbone.num_blocks):
+            class_tokens = self.layer_tokens(i)[1 : 1 + k * p]
+            means = F.normalize(class_tokens.view(k, p, -1).mean(1), dim=-1)
+            terms.append((means @ means.T)[off_diagonal].pow(2).mean())
+        return torch.stack(terms).mean()
+
+    @torch.no_grad()
+    def init_pivots(
+        self, labels: torch.Tensor, features: dict[int, torch.Tensor] | None = None
+    ) -> None:
+        """Warm-up: set the pivots to class means accumulated over all calls so far.
+
+        Run the model forward on a warm-up batch (e.g. under ``torch.no_grad()`` in eval mode)
+        and call this with that batch's labels; the tokens the hooks cached are used. Repeated
+        calls average over every batch given so far (methods.md: 500 source images).
+
+        Args:
+            labels: ``(B, H, W)`` labels of the batch that was just run.
+            features: instead of the cache, ``{width: (B, width, h, w) map}`` of the pivot
+                block of each width (:attr:`pivot_blocks`).
+        """
+        if not self.uses_pivots:
+            return
+        strides = self.backbone.block_strides()
+        if features is not None:
+            cache = {
+                c: (m.flatten(2).transpose(1, 2), tuple(m.shape[-2:]), self.pivot_blocks[c])
+                for c, m in features.items()
+            }
+        else:
+            cache = dict(self._pivot_cache)
+        if not cache:
+            raise RuntimeError("dpft.init_pivots: run a forward first, or pass features")
+        for c, (feat, hw, index) in cache.items():
+            classes = patch_classes(labels, hw, strides[index], self.num_classes, self.ignore_index)
+            sums, counts = class_pool(feat.float(), classes, self.num_classes)
+            sums, counts = sums.sum(0), counts.sum(0)
+            if c in self._init_sums:
+                sums = sums + self._init_sums[c][0]
+                counts = counts + self._init_sums[c][1]
+            self._init_sums[c] = (sums, counts)
+            self.pivot_banks[str(c)].set_means(sums, counts)
+        self._pivot_cache.clear()
+
+    def param_group_rules(self) -> list[Rule]:
+        # Rein's recipe extended: no decay on prompts, per-layer scales and the presence bias.
+        return [
+            ("tuning.tokens_", dict(NO_DECAY)),
+            ("tuning.gamma", dict(NO_DECAY)),
+            ("tuning.presence_bias", dict(NO_DECAY)),
+        ]
+
+
+def _zero_output_mlp(dim: int, hidden: int) -> nn.Sequential:
+    mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+    nn.init.zeros_(mlp[2].weight)
+    nn.init.zeros_(mlp[2].bias)
+    return mlp

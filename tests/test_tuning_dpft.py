@@ -1,0 +1,331 @@
+"""DPFT: budget, ablation switches, presence, set pivots and the pivot loss (hand-made numbers)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pivotseg.backbones.dinov2 import build_dinov2
+from pivotseg.errors import ConfigError
+from pivotseg.tuning import build_method
+from pivotseg.tuning.pivots import PivotBank, class_pool, patch_classes, pivot_info_nce
+from tests.test_tuning import TINY_DINO, tiny_tinyvit
+
+K = 3
+OFF = dict(
+    class_prompts=False,
+    presence_gating=False,
+    dynamic_context=False,
+    focus_gate=False,
+    pivot_loss=False,
+)
+
+
+@pytest.fixture
+def saved_backbone(tmp_path):
+    build_dinov2(config=dict(TINY_DINO)).save_pretrained(tmp_path / "bb")
+    return tmp_path / "bb"
+
+
+def stripes(size=56, batch=2):
+    """Labels: class 0 on patch columns 0-1, class 1 on column 2, class 2 on column 3 (14 px)."""
+    cols = torch.tensor([0, 0, 1, 2]).repeat_interleave(14)[:size]
+    return cols.expand(batch, size, size).clone()
+
+
+def build(folder, **args):
+    backbone = build_dinov2(folder).eval()
+    return backbone, build_method("dpft", backbone, K, **args)
+
+
+# ----- budget and layout --------------------------------------------------------------------
+
+
+def test_budget_dinov2_large_19_classes_on_meta():
+    with torch.device("meta"):
+        backbone = build_dinov2(config={"variant": "large"})
+        dpft = build_method("dpft", backbone, 19)
+    parts: dict[str, int] = {}
+    for name, p in dpft.trainable_parameters():
+        part = name.split(".")[1]
+        parts[part] = parts.get(part, 0) + p.numel()
+    table = {  # methods.md section 2, "Budget"
+        "prompts": 431_616,
+        "U": 132_160,
+        "W_q, W_k": 524_288,
+        "shared MLPs": 2_099_200,
+        "gamma": 24,
+        "query link": 459_264,
+    }
+    assert parts["tokens_a"] + parts["tokens_b"] == table["prompts"]
+    assert parts["context"] == table["U"]
+    assert parts["attn_q"] + parts["attn_k"] == table["W_q, W_k"]
+    assert parts["mlp_token2feat"] + parts["mlp_delta_f"] == table["shared MLPs"]
+    assert parts["gamma"] == table["gamma"]
+    assert parts["transform"] + parts["merge"] == table["query link"]
+    assert parts["presence_bias"] == 1  # b, which the table leaves out
+    assert sum(parts.values()) == sum(table.values()) + 1 == 3_646_553
+    assert dpft.num_tokens == 100 and dpft.num_queries == 100
+    assert dpft.pivot_banks["1024"].pivots.shape == (19, 1024)
+    assert dpft.pivot_layers == [5, 11, 17, 23]  # the backbone's default out_indices
+
+
+def test_token_layout():
+    backbone = build_dinov2(config=dict(TINY_DINO))
+    dpft = build_method("dpft", backbone, 19)
+    assert dpft.num_tokens == 1 + 76 + 23
+    assert dpft.token_class[0] == -1 and dpft.token_class[1:5].tolist() == [0] * 4
+    assert dpft.token_class[73:77].tolist() == [18] * 4 and (dpft.token_class[77:] == -1).all()
+    many = build_method("dpft", build_dinov2(config=dict(TINY_DINO)), 30)
+    assert many.num_tokens == 1 + 120 + 8 and many.queries().shape == (129, 256)
+    plain = build_method("dpft", build_dinov2(config=dict(TINY_DINO)), 30, **OFF)
+    assert plain.num_tokens == 100 and (plain.token_class == -1).all()
+    with pytest.raises(ConfigError, match="presence_gating gates class tokens"):
+        build_method("dpft", build_dinov2(config=dict(TINY_DINO)), 3, class_prompts=False)
+
+
+# ----- reduction to Rein and the switches ---------------------------------------------------
+
+
+def test_all_switches_off_computes_rein(saved_backbone):
+    rein_bb = build_dinov2(saved_backbone).eval()
+    rein = build_method("rein", rein_bb, K)
+    dpft_bb, dpft = build(saved_backbone, attn_dim=32, **OFF)
+    assert dpft.num_tokens == rein.num_tokens
+    with torch.no_grad():
+        rein.scale.fill_(0.5)  # large enough that a wrong update would show
+        dpft.load_state_dict(rein.state_dict(), strict=False)
+        dpft.attn_q["32"].weight.copy_(torch.eye(32))
+        dpft.attn_k["32"].weight.copy_(torch.eye(32))
+        dpft.gamma.fill_(0.5)
+    x = torch.randn(2, 3, 56, 56)
+    for a, b in zip(dpft_bb(x), rein_bb(x)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(dpft.queries(), rein.queries())
+    assert dpft.extra_loss(stripes()) == {}
+
+
+def test_each_switch_changes_behaviour(saved_backbone):
+    x = torch.randn(2, 3, 56, 56)
+    labels = stripes()
+    ref_bb, ref = build(saved_backbone)
+    ref.eval()
+    with torch.no_grad():
+        ref.gamma.fill_(0.5)
+        for p in ref.context.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+    ref_bb(x)
+    ref.init_pivots(labels)
+    assert ref.pivot_banks["32"].valid.all()
+    ref_out = ref_bb(x)[-1]
+
+    def variant(**switch):
+        bb, m = build(saved_backbone, **switch)
+        m.load_state_dict(ref.state_dict(), strict=False)
+        m.eval()
+        return bb(x)[-1], m
+
+    for switch in ("presence_gating", "dynamic_context", "focus_gate"):
+        out, _ = variant(**{switch: False})
+        assert (out - ref_out).abs().max() > 1e-4, switch
+    same, _ = variant(pivot_loss=False)
+    torch.testing.assert_close(same, ref_out)  # the loss switch leaves the forward alone
+    ref.train()
+    ref_bb(x)
+    assert set(ref.extra_loss(labels)) == {"loss_pivot"}
+    _, no_loss = variant(pivot_loss=False)
+    no_loss.train()
+    assert no_loss.extra_loss(labels) == {}
+    # class_prompts: with the optional penalty on, the class layout adds a loss of its own.
+    _, ortho = variant(ortho_weight=1e-3)
+    assert set(ortho.extra_loss(labels)) == {"loss_prompt_ortho"}
+    _, flat = variant(ortho_weight=1e-3, class_prompts=False, presence_gating=False)
+    assert flat.extra_loss(labels) == {}
+
+
+# ----- presence ---------------------------------------------------------------------------
+
+
+def test_presence_is_a_log_mean_exp_of_cosines(saved_backbone):
+    _, dpft = build(saved_backbone)
+    bank = dpft.pivot_banks["32"]
+    e = torch.eye(32)
+    bank.pivots.copy_(torch.stack([e[0], -e[0], e[1]]))
+    bank.valid.copy_(torch.tensor([True, True, False]))
+    with torch.no_grad():
+        dpft.presence_bias.fill_(0.5)
+    f = torch.stack([3 * e[0], e[2]])[None]  # two patches: along class 0, orthogonal to all
+    logits, valid = dpft.class_presence_logits(f)
+    tau = 0.07
+    expected = [
+        math.log((math.exp(1 / tau) + 1) / 2) - 0.5,
+        math.log((math.exp(-1 / tau) + 1) / 2) - 0.5,
+    ]
+    torch.testing.assert_close(logits[0, :2], torch.tensor(expected))
+    log_rho = dpft.token_log_presence(f)[0]
+    assert log_rho[0] == 0 and (log_rho[13:] == 0).all()  # null and generic tokens
+    torch.testing.assert_close(log_rho[1:5], F.logsigmoid(torch.tensor(expected[0])).expand(4))
+    torch.testing.assert_close(log_rho[5:9], F.logsigmoid(torch.tensor(expected[1])).expand(4))
+    assert (log_rho[9:13] == 0).all()  # class 2 has no pivot yet: rho = 1
+
+
+# ----- pivots -----------------------------------------------------------------------------
+
+
+def test_half_or_more_of_a_patch_decides_its_class():
+    labels = torch.tensor(
+        [
+            [1, 1, 2, 2, 0, 255],
+            [1, 2, 2, 255, 1, 2],
+        ]
+    )[None]  # 2x6 pixels, stride 2 -> grid 1x3
+    # patch 0: three of four pixels are 1; patch 1: two of four are 2 (the rest 2/255 -> 3 of 4)
+    # patch 2: 0, 255, 1, 2 -> no class reaches half
+    assert patch_classes(labels, (1, 3), 2, num_classes=3).tolist() == [[1, 2, -1]]
+    half = torch.tensor([[2, 255], [2, 255]])[None]  # two of four pixels, the rest ignored
+    assert patch_classes(half, (1, 1), 2, num_classes=3).tolist() == [[2]]
+    # Labels of an unpadded image: the missing bottom/right pixels count as ignored.
+    short = torch.tensor([[1, 1, 1]])[None]  # 1x3 in a 2x4 padded area
+    assert patch_classes(short, (1, 2), 2, num_classes=3).tolist() == [[1, -1]]
+    assert patch_classes(torch.full((1, 2, 2), 255), (1, 1), 2, 3).tolist() == [[-1]]
+
+
+def test_class_pool_and_ema_by_hand():
+    tokens = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [5.0, 4.0], [7.0, 6.0]]])
+    classes = torch.tensor([[0, 0, 1, -1]])
+    sums, counts = class_pool(tokens, classes, 2)
+    assert sums.tolist() == [[[4.0, 2.0], [5.0, 4.0]]] and counts.tolist() == [[2.0, 1.0]]
+    bank = PivotBank(3, 2, momentum=0.9)
+    bank.update(torch.tensor([[4.0, 2.0], [5.0, 4.0], [0.0, 0.0]]), torch.tensor([2.0, 1.0, 0.0]))
+    torch.testing.assert_close(bank.pivots, torch.tensor([[2.0, 1.0], [5.0, 4.0], [0.0, 0.0]]))
+    assert bank.valid.tolist() == [True, True, False]
+    bank.update(torch.tensor([[0.0, 0.0], [0.0, 0.0], [9.0, 3.0]]), torch.tensor([0.0, 0.0, 3.0]))
+    bank.update(torch.tensor([[12.0, 0.0], [0.0, 0.0], [0.0, 0.0]]), torch.tensor([4.0, 0, 0]))
+    # class 0: 0.9 * (2, 1) + 0.1 * (3, 0); class 1 untouched; class 2 first seen: its mean.
+    expected = torch.tensor([[2.1, 0.9], [5.0, 4.0], [3.0, 1.0]])
+    torch.testing.assert_close(bank.pivots, expected)
+    assert bank.valid.all()
+
+
+def test_training_step_updates_pivots_from_the_pivot_block(saved_backbone):
+    backbone = build_dinov2(saved_backbone).eval()
+    seen = []
+    # Registered before DPFT's hooks, so it sees block 3's own output (the pivot tokens).
+    backbone.add_block_hook(3, lambda t, hw: seen.append(t) or t)
+    dpft = build_method("dpft", backbone, K)
+    assert dpft.pivot_blocks == {32: 3}
+    dpft.train()
+    x, labels = torch.randn(2, 3, 56, 56), stripes()
+    backbone(x)
+    dpft.extra_loss(labels)
+    tokens = seen[0].view(2, 4, 4, 32)  # (B, h, w, c): patch column 0-1 class 0, 2 class 1, ...
+    means = [
+        tokens[:, :, :2].mean((0, 1, 2)),
+        tokens[:, :, 2].mean((0, 1)),
+        tokens[:, :, 3].mean((0, 1)),
+    ]
+    bank = dpft.pivot_banks["32"]
+    torch.testing.assert_close(bank.pivots, torch.stack(means))
+    seen.clear()
+    backbone(x)
+    dpft.extra_loss(labels)
+    new_means = torch.stack([seen[0].view(2, 4, 4, 32)[:, :, :2].mean((0, 1, 2))])
+    torch.testing.assert_close(bank.pivots[0], 0.999 * means[0] + 0.001 * new_means[0])
+    # Evaluation forwards leave the pivots alone.
+    before = bank.pivots.clone()
+    dpft.eval()
+    backbone(x)
+    dpft.extra_loss(labels)
+    torch.testing.assert_close(bank.pivots, before)
+
+
+def test_init_pivots_averages_warm_up_batches(saved_backbone):
+    backbone, dpft = build(saved_backbone)
+    maps = [torch.randn(2, 32, 4, 4), torch.randn(1, 32, 4, 4)]
+    batches = [stripes(batch=2), stripes(batch=1)]
+    for m, lab in zip(maps, batches):
+        dpft.init_pivots(lab, features={32: m})
+    both = torch.cat(maps)  # class 0 sits in patch columns 0-1 of every image
+    torch.testing.assert_close(dpft.pivot_banks["32"].pivots[0], both[..., :2].mean((0, 2, 3)))
+    torch.testing.assert_close(dpft.pivot_banks["32"].pivots[2], both[..., 3].mean((0, 2)))
+    # From the tokens the hooks cached during a forward.
+    backbone2, dpft2 = build(saved_backbone)
+    with torch.no_grad():
+        backbone2(torch.randn(1, 3, 56, 56))
+    dpft2.init_pivots(stripes(batch=1))
+    assert dpft2.pivot_banks["32"].valid.all()
+
+
+def test_info_nce_two_classes_by_hand():
+    pivots = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    valid = torch.tensor([True, True])
+    anchors = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    loss = pivot_info_nce(anchors, torch.tensor([0, 1]), pivots, valid, tau=0.1)
+    # anchor 0: cosines (1, 0) -> -log(e^10 / (e^10 + 1)); anchor 1: (1/sqrt2, 1/sqrt2) -> log 2
+    expected = (math.log(1 + math.exp(-10)) + math.log(2)) / 2
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)
+    # An invalid pivot leaves the denominator and skips its anchors.
+    one = pivot_info_nce(anchors, torch.tensor([0, 1]), pivots, torch.tensor([True, False]))
+    assert math.isclose(one.item(), 0.0, abs_tol=1e-6)
+    none = pivot_info_nce(anchors.requires_grad_(), torch.tensor([1, 1]), pivots, ~valid)
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def test_pivot_loss_uses_class_pooled_outputs_of_the_chosen_layers(saved_backbone):
+    backbone, dpft = build(saved_backbone, pivot_layers=[1, 3])
+    outs = {}
+    for i in (1, 3):  # registered after DPFT's hooks: they see the PFF outputs
+        backbone.add_block_hook(i, lambda t, hw, i=i: outs.__setitem__(i, t) or t)
+    x, labels = torch.randn(2, 3, 56, 56), stripes()
+    with torch.no_grad():
+        backbone(x)
+    dpft.init_pivots(labels)
+    dpft.train()
+    backbone(x)
+    bank = dpft.pivot_banks["32"]
+    pivots, valid = bank.pivots.clone(), bank.valid.clone()  # the loss sees them before the EMA
+    loss = dpft.extra_loss(labels)["loss_pivot"]
+    terms = []
+    for i in (1, 3):
+        grid = outs[i].view(2, 4, 4, 32)
+        anchors = [
+            grid[b, :, cols].reshape(-1, 32).mean(0)
+            for b in range(2)
+            for cols in (slice(0, 2), slice(2, 3), slice(3, 4))
+        ]
+        classes = torch.tensor([0, 1, 2, 0, 1, 2])
+        terms.append(pivot_info_nce(torch.stack(anchors), classes, pivots, valid))
+    torch.testing.assert_close(loss, 0.1 * torch.stack(terms).mean())
+    loss.backward()
+    assert dpft.tokens_b[0].grad is not None and dpft.presence_bias.grad is not None
+
+
+# ----- hierarchical backbones ---------------------------------------------------------------
+
+
+def test_dpft_on_a_hierarchical_backbone():
+    backbone = tiny_tinyvit()
+    dpft = build_method("dpft", backbone, K)
+    dims = backbone.block_dims  # [16, 24, 24, 32]
+    assert dpft.pivot_blocks == {16: 0, 24: 2, 32: 3}
+    assert {k: b.pivots.shape[1] for k, b in dpft.pivot_banks.items()} == {
+        "16": 16,
+        "24": 24,
+        "32": 32,
+    }
+    assert dpft.pivot_layers == [0, 2, 3]  # out_indices [0, 2, 3, neck]
+    dpft.train()
+    x = torch.randn(2, 3, 64, 64)
+    labels = (torch.arange(64) // 16).clamp(max=K - 1).expand(2, 64, 64).clone()
+    backbone(x)
+    assert dpft.extra_loss(labels)["loss_pivot"].item() == 0.0  # no pivots before this step
+    assert all(b.valid.all() for b in dpft.pivot_banks.values())
+    out = backbone(x)
+    loss = dpft.extra_loss(labels)["loss_pivot"]
+    assert loss.item() > 0
+    (loss + sum(o.mean() for o in out) + dpft.queries().mean()).backward()
+    for i, c in enumerate(dims):
+        assert dpft.tokens_b[i].shape == (16, c) and dpft.tokens_b[i].grad is not None
