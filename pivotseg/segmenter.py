@@ -141,6 +141,9 @@ class Segmenter(nn.Module):
             raise ValueError(
                 f"segmenter: labels {tuple(labels.shape)} do not match images {tuple(images.shape)}"
             )
+        if self.training and hasattr(self.tuning, "prepare_batch"):
+            # FAMix draws each patch's style from its dominant class: it needs labels first.
+            self.tuning.prepare_batch(labels)
         outputs, (pad_h, pad_w) = self._run(images)
         labels = F.pad(labels.long(), (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
         parts = dict(self.head.loss(outputs, labels))

@@ -93,8 +93,8 @@ def test_group_norm_uses_a_dividing_group_count():
 
 # ----- build_head ------------------------------------------------------------------------------
 def test_build_head_names_and_errors():
-    assert set(HEADS) == {"fpn", "mask2former"}
-    with pytest.raises(ConfigError, match="known: fpn, mask2former"):
+    assert set(HEADS) == {"fpn", "mask2former", "deeplabv3plus"}
+    with pytest.raises(ConfigError, match="known: deeplabv3plus, fpn, mask2former"):
         build_head("uper", [8] * 4, [16] * 4, 3)
     with pytest.raises(ConfigError, match="did you mean 'channels'"):
         build_head("fpn", [8] * 4, [16] * 4, 3, chanels=16)

@@ -15,6 +15,13 @@ from pivotseg.errors import PivotsegError
 COMMANDS: dict[str, str] = {
     "weights": "pivotseg.cli.weights",
     "data": "pivotseg.cli.data",
+    "train": "pivotseg.cli.train",
+    "eval": "pivotseg.cli.eval",
+    "predict": "pivotseg.cli.predict",
+    "bench": "pivotseg.cli.bench",
+    "ovseg": "pivotseg.cli.ovseg",
+    "famix": "pivotseg.cli.famix",
+    "refseg": "pivotseg.cli.refseg",
 }
 
 

@@ -12,12 +12,14 @@ from typing import Any
 
 from pivotseg.errors import ConfigError
 from pivotseg.heads.base import Head
+from pivotseg.heads.deeplabv3plus import DeepLabV3PlusHead
 from pivotseg.heads.fpn import FPNHead
 from pivotseg.heads.mask2former import Mask2FormerHead
 
 HEADS: dict[str, type[Head]] = {
     "fpn": FPNHead,
     "mask2former": Mask2FormerHead,
+    "deeplabv3plus": DeepLabV3PlusHead,
 }
 
 

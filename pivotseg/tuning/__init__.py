@@ -14,6 +14,7 @@ from pivotseg.backbones.base import Backbone
 from pivotseg.errors import ConfigError
 from pivotseg.tuning.base import TuningMethod
 from pivotseg.tuning.dpft import DPFT
+from pivotseg.tuning.famix import FAMix
 from pivotseg.tuning.frozen import Frozen
 from pivotseg.tuning.full import Full
 from pivotseg.tuning.lora import LoRA
@@ -25,6 +26,7 @@ METHODS: dict[str, type[TuningMethod]] = {
     "lora": LoRA,
     "rein": Rein,
     "dpft": DPFT,
+    "famix": FAMix,
 }
 
 

