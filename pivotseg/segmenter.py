@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pivotseg.backbones import build_backbone
-from pivotseg.backbones.base import Backbone
+from pivotseg.backbones.base import Backbone, state_mismatch
 from pivotseg.errors import CheckpointError, ConfigError
 from pivotseg.heads import HEADS, build_head
 from pivotseg.heads.base import IGNORE_INDEX, Head
@@ -235,25 +235,12 @@ class Segmenter(nn.Module):
             state, where = load_file(str(path)), str(path)
         own = self._checkpoint_state()
         optional = set() if self.config.backbone_source is None else _backbone_keys(self)
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own and k not in optional]
-        shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-        if missing or unexpected or shape:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-            if shape:
-                k = shape[0]
-                parts.append(
-                    f"{len(shape)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs "
-                    f"{tuple(own[k].shape)})"
-                )
+        mismatch = state_mismatch(own, state, optional)
+        if mismatch:
             c = self.config
             raise CheckpointError(
                 f"{where}: does not fit this {c.backbone}/{c.method}/{c.head} segmenter: "
-                f"{'; '.join(parts)}; load it with the segmenter.json it was saved with"
+                f"{mismatch}; load it with the segmenter.json it was saved with"
             )
         self.load_state_dict(state, strict=False)
 

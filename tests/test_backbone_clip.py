@@ -7,26 +7,10 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, CLIPVisionConfig,
 from pivotseg.backbones import build_backbone
 from pivotseg.errors import CheckpointError, ConfigError
 from tests.backbone_tester import BackboneTester
+from tests.helpers import tiny_clip_text_config, tiny_clip_tokenizer, tiny_vit_config
 
-VISION = dict(
-    hidden_size=32,
-    num_hidden_layers=4,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=32,
-    patch_size=8,
-)
-TEXT = dict(
-    hidden_size=24,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=48,
-    vocab_size=60,
-    max_position_embeddings=16,
-    bos_token_id=0,
-    eos_token_id=1,
-    pad_token_id=1,
-)
+VISION = tiny_vit_config()
+TEXT = tiny_clip_text_config(max_position_embeddings=16)
 
 
 class TestClip(BackboneTester):
@@ -42,13 +26,8 @@ class TestClipWithText(BackboneTester):
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
-    """A byte-level BPE over single letters plus the merges that spell "cat"."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    vocab["ca"], vocab["cat</w>"] = len(vocab), len(vocab) + 1
-    return CLIPTokenizer(vocab=vocab, merges=[("c", "a"), ("ca", "t</w>")])
+    """Letters plus the merges that spell "cat"."""
+    return tiny_clip_tokenizer(merges=(("c", "a"), ("ca", "t</w>")))
 
 
 @pytest.fixture

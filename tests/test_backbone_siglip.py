@@ -7,25 +7,11 @@ from transformers import SiglipConfig, SiglipModel
 from pivotseg.backbones import build_backbone
 from pivotseg.errors import CheckpointError, ConfigError
 from tests.backbone_tester import BackboneTester
+from tests.helpers import tiny_text_tower, tiny_vit_config
 
-VISION = dict(
-    hidden_size=32,
-    num_hidden_layers=4,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=32,
-    patch_size=8,
-)
-TEXT = dict(
-    hidden_size=24,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=48,
-    vocab_size=50,
-    max_position_embeddings=8,
-    pad_token_id=1,
-    eos_token_id=1,
-    bos_token_id=None,
+VISION = tiny_vit_config()
+TEXT = tiny_text_tower(
+    vocab_size=50, max_position_embeddings=8, pad_token_id=1, eos_token_id=1, bos_token_id=None
 )
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel
 
 from pivotseg.backbones import build_backbone
 from pivotseg.backbones.clip_resnet import build_clip_resnet, public_state_dict
@@ -28,35 +28,14 @@ from pivotseg.tuning.famix import (
     site_fingerprint,
     style_site,
 )
+from tests.helpers import tiny_clip_text_config, tiny_clip_tokenizer, tiny_vit_config
 
 RN_TINY = dict(layers=[1, 1, 1, 1], width=8, heads=2, output_dim=16, image_size=64)
-VIT = dict(
-    hidden_size=32,
-    num_hidden_layers=4,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=32,
-    patch_size=8,
-)
-TEXT = dict(
-    hidden_size=24,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=48,
-    vocab_size=60,
-    max_position_embeddings=32,
-    bos_token_id=0,
-    eos_token_id=1,
-    pad_token_id=1,
-)
+VIT = tiny_vit_config()
+TEXT = tiny_clip_text_config()
 
 
-def tiny_tokenizer() -> CLIPTokenizer:
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[])
+tiny_tokenizer = tiny_clip_tokenizer
 
 
 def randomize_bn(module):

@@ -9,32 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from pivotseg.errors import ConfigError, DataError
 from pivotseg.tasks.openvocab import PAMR, OpenVocabSegmenter, dense_last_block
 from pivotseg.tasks.openvocab.dense import proxy_attention
 from pivotseg.tasks.openvocab.text import parse_class_names, read_classes_file
+from tests.helpers import tiny_clip_text_config, tiny_clip_tokenizer, tiny_vit_config
 
-VISION = dict(
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=32,
-    patch_size=8,
-)
-TEXT = dict(
-    hidden_size=24,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=48,
-    vocab_size=60,
-    max_position_embeddings=32,
-    bos_token_id=0,
-    eos_token_id=1,
-    pad_token_id=1,
-)
+VISION = tiny_vit_config(num_hidden_layers=3)
+TEXT = tiny_clip_text_config()
 # What each paper keeps of the last block: (residual, FFN).
 KEEPS = {
     "clip": (True, True),
@@ -45,12 +29,7 @@ KEEPS = {
 }
 
 
-def tiny_tokenizer() -> CLIPTokenizer:
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[])
+tiny_tokenizer = tiny_clip_tokenizer
 
 
 @pytest.fixture(scope="module")

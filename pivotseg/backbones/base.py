@@ -14,8 +14,9 @@ it was given.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -191,30 +192,57 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+def describe_key_mismatch(
+    missing: Sequence[str],
+    unexpected: Sequence[str],
+    reshaped: Sequence[tuple[str, Sequence[int], Sequence[int]]],
+) -> str:
+    """One-line summary of keys that do not fit, or ``""`` when all fit.
+
+    Args:
+        missing: keys the model has and the checkpoint lacks.
+        unexpected: keys the checkpoint has and the model lacks.
+        reshaped: ``(key, checkpoint shape, model shape)`` for keys whose shapes differ.
+    """
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if reshaped:
+        key, got, want = reshaped[0]
+        parts.append(
+            f"{len(reshaped)} of another shape (e.g. {key}: {tuple(got)} vs {tuple(want)})"
+        )
+    return "; ".join(parts)
+
+
+def state_mismatch(
+    own: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    optional: Collection[str] = (),
+) -> str:
+    """:func:`describe_key_mismatch` of ``state`` against ``own``; ``optional`` keys may be extra."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own and k not in optional]
+    reshaped = [
+        (k, state[k].shape, own[k].shape)
+        for k in own
+        if k in state and tuple(own[k].shape) != tuple(state[k].shape)
+    ]
+    return describe_key_mismatch(missing, unexpected, reshaped)
+
+
 def load_state_strict(
     module: nn.Module, state: dict[str, torch.Tensor], source, layout: str
 ) -> None:
     """Load ``state`` exactly, or raise a one-line CheckpointError naming the mismatching keys."""
     from pivotseg.errors import CheckpointError
 
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if shape:
-            k = shape[0]
-            parts.append(
-                f"{len(shape)} of other shape (e.g. {k}: {tuple(state[k].shape)} vs "
-                f"{tuple(own[k].shape)})"
-            )
+    mismatch = state_mismatch(module.state_dict(), state)
+    if mismatch:
         raise CheckpointError(
-            f"{source}: does not fit the {layout} layout: {'; '.join(parts)}; "
+            f"{source}: does not fit the {layout} layout: {mismatch}; "
             "check the backbone name and config"
         )
     module.load_state_dict(state, strict=True)
@@ -231,3 +259,82 @@ def read_saved_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]
 
 def is_saved_folder(source) -> bool:
     return source is not None and Path(source).is_dir() and (Path(source) / CONFIG_NAME).exists()
+
+
+# ----- helpers shared by several backbones ----------------------------------------------------
+NECK = "neck"
+
+
+def levels_with_neck(name: str, value: Sequence[int | str], num_blocks: int) -> list[int]:
+    """Resolve ``out_indices`` of a backbone whose neck output follows its last block.
+
+    Block indices may be negative; ``num_blocks`` or ``"neck"`` stands for the neck, which gets
+    level ``num_blocks``.
+
+    Raises:
+        ConfigError: an entry is neither a block index nor the neck.
+    """
+    from pivotseg.errors import ConfigError
+
+    n = num_blocks
+    levels = []
+    for i in value:
+        if i == NECK or i == n:
+            levels.append(n)
+        elif isinstance(i, int) and -n <= i < n:
+            levels.append(i % n)
+        else:
+            raise ConfigError(
+                f"{name}: out_indices entry {i!r} is not a block index in [-{n}, {n - 1}] nor "
+                f"{n} / 'neck' (the neck output)"
+            )
+    return levels
+
+
+def split_grid_output(output):
+    """:meth:`Backbone._split_block_output` for blocks that output ``(B, H, W, C)`` grids."""
+    tensor = output[0] if isinstance(output, tuple) else output
+    b, h, w, c = tensor.shape
+
+    def rebuild(new_tokens):
+        out = new_tokens.reshape(b, h, w, c)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    return tensor.reshape(b, h * w, c), (h, w), rebuild
+
+
+def read_safetensors_file(source, name: str, convert_what: str) -> dict[str, torch.Tensor]:
+    """Tensors of a public checkpoint already converted to ``.safetensors``.
+
+    Args:
+        source: path to the ``.safetensors`` file.
+        name: backbone name, for the message.
+        convert_what: what the user should convert, for the message (e.g. ``"a .pt checkpoint"``).
+
+    Raises:
+        CheckpointError: ``source`` is not an existing ``.safetensors`` file.
+    """
+    from safetensors.torch import load_file
+
+    from pivotseg.errors import CheckpointError
+
+    path = Path(source)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise CheckpointError(
+            f"{source}: {name} loads a .safetensors file or a save_pretrained folder; convert "
+            f"{convert_what} once with safetensors.torch.save_file in a trusted environment"
+        )
+    return load_file(str(path))
+
+
+def dataclass_config(name: str, config_class: type, values: dict):
+    """``config_class(**values)``, or a ConfigError naming keys the dataclass does not have."""
+    from pivotseg.errors import ConfigError
+
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{name}: unknown config keys {unknown}; known: {', '.join(sorted(known))}"
+        )
+    return config_class(**values)

@@ -22,7 +22,6 @@ trained under DDP, enable ``find_unused_parameters`` (or build with ``with_text=
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,13 +29,9 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from pivotseg.backbones.base import (
-    Backbone,
-    is_saved_folder,
-    load_state_strict,
-    read_saved_folder,
     tokens_to_map,
 )
-from pivotseg.backbones.dinov2 import from_pretrained_checked, pick_model_class
+from pivotseg.backbones.hf import VisionTowerBackbone, build_vision_tower, load_tokenizer
 from pivotseg.errors import ConfigError
 
 _VIT_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
@@ -75,64 +70,24 @@ NON_VISION_KEYS = ("text_model.", "text_projection.", "visual_projection.", "log
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
-class ClipBackbone(Backbone):
+class ClipBackbone(VisionTowerBackbone):
     name = "clip"
     # OpenAI CLIP's statistics, on the 0-255 scale.
     pixel_mean = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
     pixel_std = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
 
-    def __init__(self, model: CLIPModel | CLIPVisionModel, out_indices=None, tokenizer=None):
-        super().__init__(out_indices)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.patch_size = self.size_divisor = self.vision.config.patch_size
+    full_model_class = CLIPModel
+    vision_model_class = CLIPVisionModel
+    model_types = MODEL_TYPES
+    saved_classes = SAVED_CLASSES
+    non_vision_keys = NON_VISION_KEYS
+    vision_only_hint = (
+        "holds only a CLIP vision tower; with_text=True needs a full CLIPModel "
+        "checkpoint (e.g. openai/clip-vit-base-patch16)"
+    )
 
-    @property
-    def vision(self) -> CLIPVisionModel:
-        """The vision tower (the whole model when it was loaded without text)."""
-        return self.model.vision_model if isinstance(self.model, CLIPModel) else self.model
-
-    @property
-    def has_text(self) -> bool:
-        return isinstance(self.model, CLIPModel)
-
-    @property
-    def blocks(self):
-        return list(self.vision.encoder.layers)
-
-    @property
-    def block_dims(self):
-        return [self.vision.config.hidden_size] * self.vision.config.num_hidden_layers
-
-    def block_strides(self):
-        return [self.patch_size] * self.vision.config.num_hidden_layers
-
-    def _split_block_output(self, index, output):
-        tensor = output[0] if isinstance(output, tuple) else output
-        cls, tokens = tensor[:, :1], tensor[:, 1:]
-
-        def rebuild(new_tokens):
-            out = torch.cat([cls, new_tokens], dim=1)
-            return (out, *output[1:]) if isinstance(output, tuple) else out
-
-        return tokens, self._current_hw, rebuild
-
-    def forward_blocks(self, pixel_values, indices):
-        h, w = pixel_values.shape[-2:]
-        self._current_hw = (h // self.patch_size, w // self.patch_size)
-        wanted = set(indices)
-        vision = self.vision
-        x = vision.embeddings(pixel_values, interpolate_pos_encoding=True)
-        x = vision.pre_layrnorm(x)
-        maps = {}
-        for i, layer in enumerate(vision.encoder.layers):
-            x = layer(x, None)
-            x = x[0] if isinstance(x, tuple) else x
-            if i in wanted:
-                maps[i] = tokens_to_map(x[:, 1:], self._current_hw)
-            if i >= max(wanted):
-                break
-        return [maps[i] for i in indices]
+    def embed(self, pixel_values):
+        return self.vision.pre_layrnorm(super().embed(pixel_values))
 
     # ----- text side ------------------------------------------------------------------------------
     def _text_model(self, what: str) -> CLIPModel:
@@ -192,34 +147,12 @@ class ClipBackbone(Backbone):
         out = model.visual_projection(self.vision.post_layernorm(tokens))
         return tokens_to_map(out, tuple(features.shape[-2:])) if features.ndim == 4 else out
 
-    # ----- persistence ------------------------------------------------------------------------
-    def config_dict(self):
-        return {
-            "name": self.name,
-            "model_class": type(self.model).__name__,
-            "config": self.model.config.to_dict(),
-            "out_indices": self._out_indices,
-        }
-
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Weights and config as :class:`Backbone` writes them, plus the tokenizer if any."""
-        folder = super().save_pretrained(folder)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(folder))
-        return folder
-
 
 def load_clip_tokenizer(source):
     """``CLIPTokenizer`` from ``source``, or ``None`` when it holds no tokenizer files."""
     from transformers import CLIPTokenizer
 
-    # Without files, from_pretrained builds a 2-token tokenizer instead of failing: check first.
-    if Path(source).is_dir() and not any((Path(source) / f).exists() for f in TOKENIZER_FILES):
-        return None
-    try:
-        return CLIPTokenizer.from_pretrained(str(source))
-    except (OSError, ValueError):
-        return None
+    return load_tokenizer(source, CLIPTokenizer, TOKENIZER_FILES)
 
 
 def random_clip_model(config: dict[str, Any], with_text: bool) -> CLIPModel | CLIPVisionModel:
@@ -258,32 +191,6 @@ def build_clip(
         CheckpointError: the source is not a CLIP checkpoint or its keys do not fit.
         ConfigError: ``with_text=True`` with a vision-only source, or an unknown variant.
     """
-    config = dict(config or {})
-    if is_saved_folder(source):
-        saved, state = read_saved_folder(source)
-        model_class, config_class = SAVED_CLASSES[saved["model_class"]]
-        model = model_class(config_class(**saved["config"]))
-        tokenizer = load_clip_tokenizer(source) if model_class is CLIPModel else None
-        wrapper = ClipBackbone(model, out_indices or saved.get("out_indices"), tokenizer)
-        load_state_strict(wrapper, state, source, f"pivotseg clip ({saved['model_class']})")
-        return wrapper
-    if source is None:
-        return ClipBackbone(random_clip_model(config, bool(with_text)), out_indices)
-    model_class = pick_model_class(source, "clip", MODEL_TYPES)
-    allow_unexpected: tuple[str, ...] = ()
-    if with_text and model_class is CLIPVisionModel:
-        raise ConfigError(
-            f"{source}: holds only a CLIP vision tower; with_text=True needs a full CLIPModel "
-            "checkpoint (e.g. openai/clip-vit-base-patch16)"
-        )
-    if with_text is False and model_class is CLIPModel:
-        model_class, allow_unexpected = CLIPVisionModel, NON_VISION_KEYS
-    model = from_pretrained_checked(
-        model_class,
-        source,
-        f"transformers {model_class.__name__}",
-        allow_unexpected=allow_unexpected,
-        **config,
+    return build_vision_tower(
+        ClipBackbone, source, config, out_indices, with_text, random_clip_model, load_clip_tokenizer
     )
-    tokenizer = load_clip_tokenizer(source) if model_class is CLIPModel else None
-    return ClipBackbone(model, out_indices, tokenizer)

@@ -35,7 +35,6 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,8 +42,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from pivotseg.backbones.base import Backbone, is_saved_folder, load_state_strict, read_saved_folder
-from pivotseg.errors import CheckpointError, ConfigError
+from pivotseg.backbones.base import (
+    Backbone,
+    dataclass_config,
+    is_saved_folder,
+    load_state_strict,
+    read_safetensors_file,
+    read_saved_folder,
+)
+from pivotseg.errors import ConfigError
 
 CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
 CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
@@ -400,27 +406,13 @@ def build_clip_resnet(source=None, config=None, out_indices=None) -> ClipResNetB
     backbone = ClipResNetBackbone(_make_config({**PRESETS[variant], **config}), out_indices)
     if source is None:
         return backbone
-    path = Path(source)
-    if path.suffix != ".safetensors" or not path.is_file():
-        raise CheckpointError(
-            f"{source}: clip_resnet loads a .safetensors file or a save_pretrained folder; "
-            "convert OpenAI's .pt once with safetensors.torch.save_file in a trusted environment"
-        )
-    from safetensors.torch import load_file
-
-    state = _from_public(load_file(str(path)), backbone)
+    state = _from_public(read_safetensors_file(source, "clip_resnet", "OpenAI's .pt"), backbone)
     load_state_strict(backbone, state, source, f"OpenAI CLIP visual ({variant})")
     return backbone
 
 
 def _make_config(values: dict[str, Any]) -> ClipResNetConfig:
-    fields = {f.name for f in dataclasses.fields(ClipResNetConfig)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(
-            f"clip_resnet: unknown config keys {unknown}; known: {', '.join(sorted(fields))}"
-        )
-    cfg = ClipResNetConfig(**values)
+    cfg = dataclass_config("clip_resnet", ClipResNetConfig, values)
     cfg.layers = list(cfg.layers)
     if len(cfg.layers) != 4:
         raise ConfigError(f"clip_resnet: layers must list 4 stage depths, got {cfg.layers}")

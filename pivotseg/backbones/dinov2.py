@@ -8,9 +8,7 @@ Rein and DPFT run DINOv2 at patch 16 instead of 14 so that a 512 crop gives a 32
 :func:`convert_patch_size` resizes the patch-embedding kernel and the position embedding
 bicubically, as Rein's conversion script does.
 
-:func:`from_pretrained_checked` is the loading path every transformers-backed wrapper shares:
-transformers only *warns* about checkpoint keys that do not fit (and initialises the missing ones
-at random), so it turns that report into a :class:`~pivotseg.errors.CheckpointError`.
+Loading from the hub or a transformers folder goes through :mod:`pivotseg.backbones.hf`.
 """
 
 from __future__ import annotations
@@ -33,7 +31,8 @@ from pivotseg.backbones.base import (
     read_saved_folder,
     tokens_to_map,
 )
-from pivotseg.errors import CheckpointError, ConfigError
+from pivotseg.backbones.hf import from_pretrained_checked, pick_model_class
+from pivotseg.errors import ConfigError
 
 # The published sizes (facebook/dinov2-{small,base,large,giant}).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -139,76 +138,6 @@ def convert_patch_size(model: Dinov2Model, patch_size: int, image_size: int = 51
     emb.patch_size = patch_size
     emb.patch_embeddings.patch_size = (patch_size, patch_size)
     cfg.patch_size, cfg.image_size = patch_size, image_size
-    return model
-
-
-def source_model_type(source) -> str | None:
-    """The ``model_type`` of a hub id's or transformers folder's ``config.json``."""
-    from transformers import PreTrainedConfig
-
-    try:
-        raw, _ = PreTrainedConfig.get_config_dict(str(source))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{source}: no readable transformers config.json ({type(err).__name__}); give a hub "
-            "id, a save_pretrained folder or a pivotseg backbone folder"
-        ) from err
-    return raw.get("model_type")
-
-
-def pick_model_class(source, name: str, classes: dict[str, type]) -> type:
-    """The class for ``source``'s ``model_type`` among ``classes``, or a CheckpointError."""
-    model_type = source_model_type(source)
-    if model_type not in classes:
-        raise CheckpointError(
-            f"{source}: holds a {model_type!r} model (config.json model_type), which backbone "
-            f"{name!r} does not read; it reads {', '.join(classes)}"
-        )
-    return classes[model_type]
-
-
-def from_pretrained_checked(
-    model_class, source, layout: str, allow_unexpected: tuple[str, ...] = (), **kwargs
-):
-    """``model_class.from_pretrained(source)`` that fails on keys that do not fit.
-
-    Args:
-        model_class: a transformers ``PreTrainedModel`` class.
-        source: hub id or local folder.
-        layout: what was expected, for the message (e.g. ``"transformers CLIPModel"``).
-        allow_unexpected: prefixes of checkpoint keys that may be left unused on purpose (e.g. the
-            text tower when only the vision tower is loaded).
-        **kwargs: passed to ``from_pretrained``.
-
-    Raises:
-        CheckpointError: naming the first few missing, unexpected or reshaped keys.
-    """
-    # The source fixes the architecture; a preset name kept next to it in a config is redundant
-    # (transformers would store it as a stray config attribute).
-    kwargs.pop("variant", None)
-    model, info = model_class.from_pretrained(
-        str(source), output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-    )
-    missing = sorted(info.get("missing_keys") or [])
-    unexpected = sorted(
-        k for k in info.get("unexpected_keys") or [] if not k.startswith(allow_unexpected)
-    )
-    reshaped = sorted(info.get("mismatched_keys") or [])
-    if missing or unexpected or reshaped:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if reshaped:
-            key, got, want = reshaped[0]
-            parts.append(
-                f"{len(reshaped)} of other shape (e.g. {key}: {tuple(got)} vs {tuple(want)})"
-            )
-        raise CheckpointError(
-            f"{source}: does not fit the {layout} layout: {'; '.join(parts)}; check the "
-            "backbone name and config"
-        )
     return model
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,8 +43,10 @@ from torch.utils.checkpoint import checkpoint
 
 from pivotseg.backbones.base import (
     Backbone,
+    dataclass_config,
     is_saved_folder,
     load_state_strict,
+    read_safetensors_file,
     read_saved_folder,
     tokens_to_map,
 )
@@ -475,12 +476,6 @@ def _adapt_patch_and_grid(state: dict[str, torch.Tensor], own: dict[str, torch.T
             state[key] = torch.cat([pos[:, :1], resize_grid(pos[:, 1:], (side, side))], dim=1)
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
 def build_eva02(source=None, config=None, out_indices=None) -> Eva02Backbone:
     """EVA-02 from a public ``.safetensors`` file, a saved folder, or random from a preset.
 
@@ -506,25 +501,14 @@ def build_eva02(source=None, config=None, out_indices=None) -> Eva02Backbone:
     backbone = Eva02Backbone(cfg, out_indices)
     if source is None:
         return backbone
-    path = Path(source)
-    if path.suffix != ".safetensors" or not path.is_file():
-        raise CheckpointError(
-            f"{source}: eva02 loads a .safetensors file or a save_pretrained folder; convert "
-            "a .pt checkpoint once with safetensors.torch.save_file in a trusted environment"
-        )
-    state = _from_public(_read_safetensors(path), backbone, source)
+    public = read_safetensors_file(source, "eva02", "a .pt checkpoint")
+    state = _from_public(public, backbone, source)
     load_state_strict(backbone, state, source, f"EVA-CLIP visual ({variant})")
     return backbone
 
 
 def _make_config(values: dict[str, Any]) -> Eva02Config:
-    fields = {f.name for f in dataclasses.fields(Eva02Config)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(
-            f"eva02: unknown config keys {unknown}; known: {', '.join(sorted(fields))}"
-        )
-    cfg = Eva02Config(**values)
+    cfg = dataclass_config("eva02", Eva02Config, values)
     if cfg.width % cfg.heads:
         raise ConfigError(f"eva02: width {cfg.width} is not divisible by heads {cfg.heads}")
     return cfg

@@ -25,16 +25,17 @@ from transformers import SamModel, SamVisionConfig, SamVisionModel
 from transformers.models.sam.modeling_sam import SamVisionEncoder
 
 from pivotseg.backbones.base import (
+    NECK,
     Backbone,
     default_out_indices,
     is_saved_folder,
+    levels_with_neck,
     load_state_strict,
     read_saved_folder,
+    split_grid_output,
 )
-from pivotseg.backbones.dinov2 import from_pretrained_checked, pick_model_class
+from pivotseg.backbones.hf import from_pretrained_checked, pick_model_class
 from pivotseg.errors import ConfigError
-
-NECK = "neck"
 
 # The published image encoders (facebook/sam-vit-{base,large,huge}).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -82,19 +83,7 @@ class SamBackbone(Backbone):
 
     @out_indices.setter
     def out_indices(self, value: Sequence[int | str]) -> None:
-        n = self.num_blocks
-        levels = []
-        for i in value:
-            if i == NECK or i == n:
-                levels.append(n)
-            elif isinstance(i, int) and -n <= i < n:
-                levels.append(i % n)
-            else:
-                raise ConfigError(
-                    f"sam: out_indices entry {i!r} is not a block index in [-{n}, {n - 1}] nor "
-                    f"{n} / 'neck' (the neck output)"
-                )
-        self._out_indices = levels
+        self._out_indices = levels_with_neck("sam", value, self.num_blocks)
 
     @property
     def out_dims(self) -> list[int]:
@@ -119,14 +108,7 @@ class SamBackbone(Backbone):
         return [self.patch_size] * self.encoder.config.num_hidden_layers
 
     def _split_block_output(self, index, output):
-        tensor = output[0] if isinstance(output, tuple) else output
-        b, h, w, c = tensor.shape
-
-        def rebuild(new_tokens):
-            out = new_tokens.reshape(b, h, w, c)
-            return (out, *output[1:]) if isinstance(output, tuple) else out
-
-        return tensor.reshape(b, h * w, c), (h, w), rebuild
+        return split_grid_output(output)
 
     def position_embedding(self, hw: tuple[int, int]):
         """SAM's absolute position embedding ``(1, h, w, C)`` resized to the token grid."""

@@ -31,8 +31,9 @@ from pivotseg.backbones.base import (
     is_saved_folder,
     load_state_strict,
     read_saved_folder,
+    split_grid_output,
 )
-from pivotseg.backbones.dinov2 import from_pretrained_checked, pick_model_class
+from pivotseg.backbones.hf import from_pretrained_checked, pick_model_class
 from pivotseg.errors import ConfigError
 
 
@@ -125,14 +126,7 @@ class Sam2Backbone(Backbone):
         return strides
 
     def _split_block_output(self, index, output):
-        tensor = output[0] if isinstance(output, tuple) else output
-        b, h, w, c = tensor.shape
-
-        def rebuild(new_tokens):
-            out = new_tokens.reshape(b, h, w, c)
-            return (out, *output[1:]) if isinstance(output, tuple) else out
-
-        return tensor.reshape(b, h * w, c), (h, w), rebuild
+        return split_grid_output(output)
 
     def forward_blocks(self, pixel_values, indices):
         wanted = set(indices)

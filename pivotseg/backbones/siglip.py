@@ -15,21 +15,13 @@ image embedding by attention, so there is no per-patch projection into the text 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
-from pivotseg.backbones.base import (
-    Backbone,
-    is_saved_folder,
-    load_state_strict,
-    read_saved_folder,
-    tokens_to_map,
-)
-from pivotseg.backbones.dinov2 import from_pretrained_checked, pick_model_class
+from pivotseg.backbones.hf import VisionTowerBackbone, build_vision_tower, load_tokenizer
 from pivotseg.errors import ConfigError
 
 
@@ -74,59 +66,18 @@ NON_VISION_KEYS = ("text_model.", "logit_scale", "logit_bias")
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 
 
-class SiglipBackbone(Backbone):
+class SiglipBackbone(VisionTowerBackbone):
     name = "siglip"
     pixel_mean = (127.5, 127.5, 127.5)  # SigLIP maps pixels to [-1, 1]
     pixel_std = (127.5, 127.5, 127.5)
 
-    def __init__(self, model: SiglipModel | SiglipVisionModel, out_indices=None, tokenizer=None):
-        super().__init__(out_indices)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.patch_size = self.size_divisor = self.vision.config.patch_size
-
-    @property
-    def vision(self) -> SiglipVisionModel:
-        return self.model.vision_model if isinstance(self.model, SiglipModel) else self.model
-
-    @property
-    def has_text(self) -> bool:
-        return isinstance(self.model, SiglipModel)
-
-    @property
-    def blocks(self):
-        return list(self.vision.encoder.layers)
-
-    @property
-    def block_dims(self):
-        return [self.vision.config.hidden_size] * self.vision.config.num_hidden_layers
-
-    def block_strides(self):
-        return [self.patch_size] * self.vision.config.num_hidden_layers
-
-    def _split_block_output(self, index, output):
-        # No class token: the whole block output is patch tokens.
-        tensor = output[0] if isinstance(output, tuple) else output
-
-        def rebuild(new_tokens):
-            return (new_tokens, *output[1:]) if isinstance(output, tuple) else new_tokens
-
-        return tensor, self._current_hw, rebuild
-
-    def forward_blocks(self, pixel_values, indices):
-        h, w = pixel_values.shape[-2:]
-        self._current_hw = (h // self.patch_size, w // self.patch_size)
-        wanted = set(indices)
-        x = self.vision.embeddings(pixel_values, interpolate_pos_encoding=True)
-        maps = {}
-        for i, layer in enumerate(self.vision.encoder.layers):
-            x = layer(x, None)
-            x = x[0] if isinstance(x, tuple) else x
-            if i in wanted:
-                maps[i] = tokens_to_map(x, self._current_hw)
-            if i >= max(wanted):
-                break
-        return [maps[i] for i in indices]
+    full_model_class = SiglipModel
+    vision_model_class = SiglipVisionModel
+    model_types = MODEL_TYPES
+    saved_classes = SAVED_CLASSES
+    non_vision_keys = NON_VISION_KEYS
+    vision_only_hint = "holds only a SigLIP vision tower; with_text=True needs a full SiglipModel"
+    num_prefix_tokens = 0  # no class token: every token is a patch token
 
     def encode_text(
         self, texts: Sequence[str] | torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -166,31 +117,12 @@ class SiglipBackbone(Backbone):
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         return F.normalize(feats, dim=-1)
 
-    def config_dict(self):
-        return {
-            "name": self.name,
-            "model_class": type(self.model).__name__,
-            "config": self.model.config.to_dict(),
-            "out_indices": self._out_indices,
-        }
-
-    def save_pretrained(self, folder: str | Path) -> Path:
-        folder = super().save_pretrained(folder)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(folder))
-        return folder
-
 
 def load_siglip_tokenizer(source):
     """SigLIP's tokenizer from ``source``, or ``None`` (no files, or no sentencepiece)."""
     from transformers import AutoTokenizer
 
-    if Path(source).is_dir() and not any((Path(source) / f).exists() for f in TOKENIZER_FILES):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(str(source))
-    except (OSError, ValueError, ImportError):
-        return None
+    return load_tokenizer(source, AutoTokenizer, TOKENIZER_FILES)
 
 
 def random_siglip_model(config: dict[str, Any], with_text: bool):
@@ -222,31 +154,12 @@ def build_siglip(
     Raises:
         CheckpointError: the source is not a SigLIP checkpoint or its keys do not fit.
     """
-    config = dict(config or {})
-    if is_saved_folder(source):
-        saved, state = read_saved_folder(source)
-        model_class, config_class = SAVED_CLASSES[saved["model_class"]]
-        model = model_class(config_class(**saved["config"]))
-        tokenizer = load_siglip_tokenizer(source) if model_class is SiglipModel else None
-        wrapper = SiglipBackbone(model, out_indices or saved.get("out_indices"), tokenizer)
-        load_state_strict(wrapper, state, source, f"pivotseg siglip ({saved['model_class']})")
-        return wrapper
-    if source is None:
-        return SiglipBackbone(random_siglip_model(config, bool(with_text)), out_indices)
-    model_class = pick_model_class(source, "siglip", MODEL_TYPES)
-    allow_unexpected: tuple[str, ...] = ()
-    if with_text and model_class is SiglipVisionModel:
-        raise ConfigError(
-            f"{source}: holds only a SigLIP vision tower; with_text=True needs a full SiglipModel"
-        )
-    if with_text is False and model_class is SiglipModel:
-        model_class, allow_unexpected = SiglipVisionModel, NON_VISION_KEYS
-    model = from_pretrained_checked(
-        model_class,
+    return build_vision_tower(
+        SiglipBackbone,
         source,
-        f"transformers {model_class.__name__}",
-        allow_unexpected=allow_unexpected,
-        **config,
+        config,
+        out_indices,
+        with_text,
+        random_siglip_model,
+        load_siglip_tokenizer,
     )
-    tokenizer = load_siglip_tokenizer(source) if model_class is SiglipModel else None
-    return SiglipBackbone(model, out_indices, tokenizer)

@@ -41,8 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pivotseg.backbones.base import (
+    NECK,
     Backbone,
     is_saved_folder,
+    levels_with_neck,
     load_state_strict,
     read_saved_folder,
     tokens_to_map,
@@ -67,7 +69,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Prefix of the image encoder in MobileSAM / SAM checkpoints.
 MOBILESAM_PREFIX = "image_encoder."
-NECK = "neck"
 
 
 class FixedStatsBatchNorm2d(nn.Module):
@@ -429,19 +430,7 @@ class TinyViTBackbone(Backbone):
 
     @out_indices.setter
     def out_indices(self, value: Sequence[int | str]) -> None:
-        n = self.num_blocks
-        levels = []
-        for i in value:
-            if i == NECK or i == n:
-                levels.append(n)
-            elif isinstance(i, int) and -n <= i < n:
-                levels.append(i % n)
-            else:
-                raise ConfigError(
-                    f"tinyvit: out_indices entry {i!r} is not a block index in [-{n}, {n - 1}] "
-                    f"nor {n} / 'neck' (the neck output)"
-                )
-        self._out_indices = levels
+        self._out_indices = levels_with_neck("tinyvit", value, self.num_blocks)
 
     @property
     def out_dims(self) -> list[int]:

@@ -13,6 +13,7 @@ import sys
 from pivotseg.errors import PivotsegError
 
 COMMANDS: dict[str, str] = {
+    "demo": "pivotseg.cli.demo",
     "weights": "pivotseg.cli.weights",
     "data": "pivotseg.cli.data",
     "train": "pivotseg.cli.train",

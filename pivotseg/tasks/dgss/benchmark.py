@@ -265,7 +265,13 @@ def run_benchmark(plan: BenchPlan) -> dict:
     )
     (plan.out_dir / "table.md").write_text(table + "\n")
     chart = bar_chart(summary, plan.out_dir / "chart.png")
-    return {"summary": summary, "table": table, "chart": chart, "out_dir": plan.out_dir}
+    return {
+        "summary": summary,
+        "table": table,
+        "chart": chart,
+        "out_dir": plan.out_dir,
+        "runs": results,
+    }
 
 
 def _target_class_names(base: RunConfig, plan: BenchPlan, results) -> dict[str, list[str]]:

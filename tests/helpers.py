@@ -1,0 +1,44 @@
+"""Tiny configs and a tokenizer shared by the CLIP/SigLIP, open-vocabulary and FAMix tests."""
+
+from transformers import CLIPTokenizer
+
+
+def tiny_vit_config(**overrides) -> dict:
+    """A 4-layer, 32-wide ViT vision tower on 32x32 images with 8x8 patches."""
+    vit = dict(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+    )
+    return {**vit, **overrides}
+
+
+def tiny_text_tower(**overrides) -> dict:
+    """A 2-layer, 24-wide text transformer (vocabulary and token ids left to the caller)."""
+    return dict(
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        **overrides,
+    )
+
+
+def tiny_clip_text_config(**overrides) -> dict:
+    """CLIP's text tower over :func:`tiny_clip_tokenizer`'s ids (60 entries, 32 positions)."""
+    ids = dict(vocab_size=60, max_position_embeddings=32, bos_token_id=0, eos_token_id=1)
+    return tiny_text_tower(**{**ids, "pad_token_id": 1, **overrides})
+
+
+def tiny_clip_tokenizer(merges: tuple[tuple[str, str], ...] = ()) -> CLIPTokenizer:
+    """A byte-level BPE over single letters, plus one vocabulary entry per merge, in order."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=list(merges))
