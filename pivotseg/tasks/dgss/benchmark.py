@@ -47,7 +47,8 @@ class BenchPlan:
     targets: list[DatasetSpec] = field(default_factory=list)
     out_dir: Path = Path("runs/bench_dg")
     overrides: list[str] = field(default_factory=list)
-    method_args: dict[str, dict] = field(default_factory=dict)
+    # Rows may be variants of one method: label -> (tuning method, its arguments).
+    variants: dict[str, tuple[str, dict]] = field(default_factory=dict)
 
 
 def _child_main(config: str, overrides: list[str], result_file: str) -> None:
@@ -66,11 +67,11 @@ def _child_main(config: str, overrides: list[str], result_file: str) -> None:
     Path(result_file).write_text(json.dumps({"run_dir": str(run_dir), "peak_memory_mb": peak_mb}))
 
 
-def _overrides_for(plan: BenchPlan, method: str, seed: int, run_dir: Path) -> list[str]:
-    args = plan.method_args.get(method)
+def _overrides_for(plan: BenchPlan, label: str, seed: int, run_dir: Path) -> list[str]:
+    method, args = plan.variants.get(label, (label, {}))
     over = list(plan.overrides) + [
         f"model.method={method}",
-        f"model.method_args={json.dumps(args or {})}",
+        f"model.method_args={json.dumps(args)}",
         f"seed={seed}",
         f"run_dir={run_dir}",
     ]
@@ -103,7 +104,7 @@ def _trainable_count(cfg: RunConfig) -> int:
 
 
 def run_one(plan: BenchPlan, method: str, seed: int) -> RunResult:
-    run_dir = plan.out_dir / method / f"seed{seed}"
+    run_dir = plan.out_dir / _slug(method) / f"seed{seed}"
     result_file = run_dir / "bench.json"
     overrides = _overrides_for(plan, method, seed, run_dir)
     if not result_file.is_file():
@@ -141,6 +142,12 @@ def run_one(plan: BenchPlan, method: str, seed: int) -> RunResult:
         sec_per_iter=statistics.fmean(steady) if steady else float("nan"),
         peak_memory_mb=info["peak_memory_mb"],
     )
+
+
+def _slug(label: str) -> str:
+    """A folder name for a row label (``+focus gate`` -> ``plus_focus_gate``)."""
+    text = label.replace("+", "plus ").strip()
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in text).strip("_") or "run"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
