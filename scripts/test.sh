@@ -6,4 +6,7 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
 ruff format --check .
-python -m pytest "$@"
+# One thread per process: the suite starts torchrun and loader processes of its own, and
+# oversubscribed cores make it several times slower on a 2-core machine.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+python -m pytest --durations=10 "$@"
