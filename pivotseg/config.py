@@ -392,7 +392,8 @@ def _convert_dataclass(cls: type, data: dict, where: str) -> Any:
 
 def resolve_path(text: str | None) -> str | None:
     """Expand ``$VARS``/``~``; a relative path that exists under the current directory or the
-    repository root becomes absolute. Anything else (hub ids, missing paths) stays as given."""
+    repository root becomes absolute (``../shared/...`` also under ``$PIVOTSEG_SHARED``).
+    Anything else (hub ids, missing paths) stays as given."""
     if text is None:
         return None
     expanded = os.path.expanduser(os.path.expandvars(text))
@@ -402,6 +403,13 @@ def resolve_path(text: str | None) -> str | None:
     for base in (Path.cwd(), REPO_ROOT):
         if (base / path).exists():
             return str((base / path).resolve())
+    # The shipped configs name the shared folder as ../shared; honour PIVOTSEG_SHARED for it.
+    if path.parts[:2] == ("..", "shared"):
+        from pivotseg.paths import shared_dir
+
+        candidate = shared_dir().joinpath(*path.parts[2:])
+        if candidate.exists():
+            return str(candidate.resolve())
     return expanded
 
 

@@ -49,7 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pivotseg: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
     return int(code or 0)
+
+
+def _close_process_group() -> None:
+    # Under torchrun, gloo/nccl threads still alive at interpreter exit can abort the process
+    # ("terminate called without an active exception") after all work is done.
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
