@@ -27,6 +27,10 @@ TokenFn = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
 
 CONFIG_NAME = "pivotseg_backbone.json"
 
+# OpenAI CLIP's pixel statistics on the 0-255 scale (CLIP, EVA02-CLIP, CLIP-ResNet).
+CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
+CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
+
 
 class Backbone(nn.Module):
     """Base class: subclasses set the attributes below and implement the abstract methods.

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from pivotseg.backbones.base import (
+    CLIP_MEAN,
+    CLIP_STD,
     tokens_to_map,
 )
 from pivotseg.backbones.hf import VisionTowerBackbone, build_vision_tower, load_tokenizer
@@ -72,9 +74,8 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 class ClipBackbone(VisionTowerBackbone):
     name = "clip"
-    # OpenAI CLIP's statistics, on the 0-255 scale.
-    pixel_mean = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
-    pixel_std = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
+    pixel_mean = CLIP_MEAN
+    pixel_std = CLIP_STD
 
     full_model_class = CLIPModel
     vision_model_class = CLIPVisionModel

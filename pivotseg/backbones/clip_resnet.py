@@ -43,6 +43,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from pivotseg.backbones.base import (
+    CLIP_MEAN,
+    CLIP_STD,
     Backbone,
     dataclass_config,
     is_saved_folder,
@@ -51,9 +53,6 @@ from pivotseg.backbones.base import (
     read_saved_folder,
 )
 from pivotseg.errors import ConfigError
-
-CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
-CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 DILATION_PATTERNS = ("torchvision", "famix")

@@ -42,6 +42,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pivotseg.backbones.base import (
+    CLIP_MEAN,
+    CLIP_STD,
     Backbone,
     dataclass_config,
     is_saved_folder,
@@ -51,9 +53,6 @@ from pivotseg.backbones.base import (
     tokens_to_map,
 )
 from pivotseg.errors import CheckpointError, ConfigError
-
-CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
-CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
 
 
 @dataclass
