@@ -11,9 +11,9 @@ A run is described by one :class:`RunConfig`::
 Values given on the command line are parsed as YAML scalars or lists (``train.lr=6e-5``,
 ``data.crop_size=[384,384]``); list items are addressed by index (``data.targets.0.split=val``).
 A key that does not exist raises a :class:`~pivotseg.errors.ConfigError` naming the closest
-valid key. Relative paths (datasets, ``model.backbone_source``) are looked up against the
-current directory first, then the repository root, and stored absolute; ``$VARS`` and ``~``
-are expanded. Numbers such as ``1e-4``, which YAML 1.1 reads as strings, are accepted.
+valid key. Relative paths (datasets, ``model.backbone_source``, ``method_args.style_bank``) are
+looked up against the current directory first, then the repository root, and stored absolute;
+``$VARS`` and ``~`` are expanded. Numbers such as ``1e-4``, which YAML 1.1 reads as strings, are accepted.
 """
 
 from __future__ import annotations
@@ -134,7 +134,10 @@ class TrainConfig:
         global_batch_size: images per optimiser step over all processes.
         per_device_batch_size: images per forward pass; ``None`` = the whole per-process
             share at once. Smaller values trade speed for memory via gradient accumulation.
-        lr, weight_decay, betas: AdamW; per-group multipliers come from the model.
+        optimizer: ``adamw`` or ``sgd`` (momentum ``momentum``, no Nesterov; FAMix's recipe).
+        lr, weight_decay: the base values; per-group multipliers come from the model.
+        betas: AdamW's moment decays.
+        momentum: SGD's momentum.
         warmup_iters, warmup_ratio: linear warm-up from ``warmup_ratio * lr``.
         poly_power, min_lr: poly decay after the warm-up, down to ``min_lr``.
         grad_clip: max gradient norm (``None`` = no clipping).
@@ -146,9 +149,11 @@ class TrainConfig:
     iterations: int = 40000
     global_batch_size: int = 4
     per_device_batch_size: int | None = None
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-4
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
     warmup_iters: int = 0
     warmup_ratio: float = 1e-6
     poly_power: float = 0.9
@@ -169,6 +174,8 @@ class TrainConfig:
                 f"train.warmup_iters={self.warmup_iters}: must be below train.iterations="
                 f"{self.iterations}"
             )
+        if self.momentum < 0:
+            raise ConfigError(f"train.momentum={self.momentum}: must be at least 0")
 
 
 @dataclass
@@ -413,8 +420,15 @@ def resolve_path(text: str | None) -> str | None:
     return expanded
 
 
+# Tuning-method arguments that name files (FAMix's style bank): resolved like the others.
+PATH_METHOD_ARGS = ("style_bank",)
+
+
 def _resolve_paths(cfg: RunConfig) -> None:
     cfg.model.backbone_source = resolve_path(cfg.model.backbone_source)
+    for key in PATH_METHOD_ARGS:
+        if isinstance(cfg.model.method_args.get(key), str):
+            cfg.model.method_args[key] = resolve_path(cfg.model.method_args[key])
     specs = [cfg.data.source, cfg.data.val, *cfg.data.targets]
     for spec in specs:
         if spec is not None:

@@ -109,8 +109,8 @@ class Segmenter(nn.Module):
         self.register_buffer("pixel_std", std, persistent=False)
 
     # ----- inference ------------------------------------------------------------------------
-    def _run(self, images: torch.Tensor):
-        """Normalise, pad bottom/right to the backbone's size divisor, run backbone and head."""
+    def _features(self, images: torch.Tensor):
+        """Normalise, pad bottom/right to the backbone's size divisor, run the backbone."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"segmenter: expected images (B, 3, H, W), got {tuple(images.shape)}")
         x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
@@ -118,9 +118,13 @@ class Segmenter(nn.Module):
         pad_h, pad_w = -x.shape[-2] % d, -x.shape[-1] % d
         # Padding after normalisation with 0 = the mean colour, as mmseg's data preprocessor.
         x = F.pad(x, (0, pad_w, 0, pad_h))
-        features = self.backbone(x)
+        return self.backbone(x), (pad_h, pad_w)
+
+    def _run(self, images: torch.Tensor):
+        """Backbone (:meth:`_features`) and head."""
+        features, pad = self._features(images)
         queries = self.tuning.queries() if self.head.uses_queries else None
-        return self.head(features, queries), (pad_h, pad_w)
+        return self.head(features, queries), pad
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, K, H, W)`` for float images ``(B, 3, H, W)`` on the 0-255 scale."""
@@ -154,6 +158,24 @@ class Segmenter(nn.Module):
                 parts[name] = value
         loss = sum(parts.values())
         return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+    @property
+    def warmup_images(self) -> int:
+        """Source images the tuning method wants seen before training (see :meth:`warm_up`)."""
+        return int(getattr(self.tuning, "warmup_images", 0))
+
+    @torch.no_grad()
+    def warm_up(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One warm-up batch: a no-grad, eval-mode backbone pass, then the method's warm-up
+        step with the labels padded like the images (DPFT: pivot and presence statistics)."""
+        mode = self.training
+        self.eval()
+        try:
+            _, (pad_h, pad_w) = self._features(images)
+            labels = F.pad(labels.long(), (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+            self.tuning.warm_up(labels)
+        finally:
+            self.train(mode)
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """Optimiser groups over the trainable parameters, one per (lr_mult, decay_mult).
@@ -212,7 +234,11 @@ class Segmenter(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+        data = self.config.to_dict()
+        # Every method argument, defaults included: a later change of a default must not
+        # change what this checkpoint rebuilds.
+        data["method_args"] = {**self.tuning.config(), **data["method_args"]}
+        (folder / CONFIG_FILE).write_text(json.dumps(data, indent=2))
         save_file(_unshared(self._checkpoint_state()), str(folder / WEIGHTS_FILE))
         return folder
 

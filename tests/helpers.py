@@ -1,4 +1,5 @@
-"""Tiny configs and a tokenizer shared by the CLIP/SigLIP, open-vocabulary and FAMix tests."""
+"""Tiny configs and a tokenizer shared by the tests (segmenters, CLIP/SigLIP, open-vocabulary,
+FAMix)."""
 
 from transformers import CLIPTokenizer
 
@@ -14,6 +15,29 @@ def tiny_vit_config(**overrides) -> dict:
         patch_size=8,
     )
     return {**vit, **overrides}
+
+
+# Tiny heads and tuning methods for segmenters on the 32-wide ViT above (segmenter and DGSS tests).
+TINY_HEAD_ARGS = {
+    "fpn": dict(channels=16),
+    "mask2former": dict(
+        num_queries=6,
+        hidden_dim=64,  # GroupNorm(32) needs two channels per group on 1x1 maps
+        decoder_layers=2,
+        encoder_layers=1,
+        num_heads=4,
+        dim_feedforward=64,
+        encoder_feedforward_dim=64,
+        train_num_points=256,
+    ),
+}
+TINY_METHOD_ARGS = {
+    "frozen": {},
+    "full": {},
+    "lora": dict(rank=4),
+    "rein": dict(num_tokens=6, rank=4),
+    "dpft": dict(num_tokens=12, per_class=2, rank=4, attn_dim=16, context_rank=8),
+}
 
 
 def tiny_text_tower(**overrides) -> dict:

@@ -77,3 +77,121 @@ def test_bench_dg_refuses_a_missing_target(tmp_path, capsys):
     code = main(["bench", "dg", "--target", f"night={tmp_path / 'nope'}:camvid"])
     assert code == 2
     assert "--target night" in capsys.readouterr().err
+
+
+# ----- rows with a model of their own ------------------------------------------------------------
+TINY_RN = dict(layers=[1, 1, 1, 1], width=8, heads=2, output_dim=16, image_size=64, attnpool=False)
+RN_ROW = {
+    "model": {
+        "num_classes": 3,
+        "backbone": "clip_resnet",
+        "backbone_config": {**TINY_RN, "output_stride": 16},
+        "out_indices": [0, 3],
+        "method": "frozen",
+        "head": "deeplabv3plus",
+        "head_args": {
+            "aspp_rates": [1, 2, 3],
+            "channels": 16,
+            "low_level_channels": 8,
+            "dropout": 1e-5,  # JSON would write 1e-05, which YAML 1.1 reads as a string
+        },
+    }
+}
+
+
+def _base(tmp_path, iterations=2):
+    data = tmp_path / "data"
+    make_folder_dataset(data / "src", {"train": 4, "val": 2})
+    make_folder_dataset(data / "tgt", {"val": 2}, seed=1, shift=25)
+    cfg = config_dict(data, tmp_path / "unused")
+    cfg["train"].update(iterations=iterations, eval_every=2, checkpoint_every=2, log_every=1)
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(cfg))
+    return base, cfg
+
+
+def test_row_with_its_own_model_trains_it_on_the_base_data_and_budget(tmp_path):
+    base, cfg = _base(tmp_path)
+    row = tmp_path / "rn_row.yaml"
+    row.write_text(yaml.safe_dump(RN_ROW))
+    out = tmp_path / "bench"
+    args = ["bench", "dg", "--config", str(base), "--methods", "--row", f"rn 50={row}"]
+    assert main(args + ["--seeds", "0", "--out", str(out), "model.head_args.channels=8"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("rn 50", 0)]
+    assert results["row_models"]["rn 50"]["backbone"] == "clip_resnet"
+    run = yaml.safe_load((out / "rn_50" / "seed0" / "config.yaml").read_text())
+    # The row's model as written (the model.* override is for base rows) ...
+    assert run["model"]["backbone"] == "clip_resnet" and run["model"]["head"] == "deeplabv3plus"
+    assert run["model"]["head_args"]["channels"] == 16
+    assert run["model"]["backbone_config"]["width"] == 8
+    # ... on the base's data, budget and targets.
+    assert run["data"]["source"]["path"] == cfg["data"]["source"]["path"]
+    assert run["data"]["crop_size"] == [32, 32] and run["train"]["iterations"] == 2
+    assert list(results["summary"]["rn 50"]["targets"]) == ["tgt"]
+    # The trained model is that ResNet: its checkpoint holds a DeepLabv3+ head.
+    seg = json.loads(
+        (out / "rn_50" / "seed0" / "checkpoints" / "last" / "segmenter.json").read_text()
+    )
+    assert seg["backbone"] == "clip_resnet" and seg["head"] == "deeplabv3plus"
+
+
+def test_base_rows_keep_the_base_model_beside_a_model_row(tmp_path):
+    from pivotseg.config import load_config
+    from pivotseg.tasks.dgss.benchmark import BenchPlan, _overrides_for, load_row_model
+
+    base, _ = _base(tmp_path)
+    row = tmp_path / "rn_row.yaml"
+    row.write_text(yaml.safe_dump(RN_ROW))
+    plan = BenchPlan(
+        config=base,
+        methods=["rein", "rn"],
+        variants={"rein": ("rein", {"scale": 1e-5, "linear": True})},
+        models={"rn": load_row_model(row, "rn")},
+        overrides=["model.method_args={}", "train.lr=0.5"],
+    )
+    rein = load_config(base, _overrides_for(plan, "rein", 1, tmp_path / "a"))
+    rn = load_config(base, _overrides_for(plan, "rn", 1, tmp_path / "b"))
+    assert rein.model.method_args == {"scale": 1e-5, "linear": True}
+    assert rn.model.head_args["dropout"] == 1e-5
+    assert (rein.model.backbone, rein.model.method, rein.model.head) == ("dinov2", "rein", "fpn")
+    assert (rn.model.backbone, rn.model.method, rn.model.head) == (
+        "clip_resnet",
+        "frozen",
+        "deeplabv3plus",
+    )
+    assert rein.train == rn.train and rn.train.lr == 0.5 and rn.seed == rein.seed == 1
+    assert rein.data == rn.data
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ("data: {}\n", "needs a model: section"),
+        ("- 1\n", "needs a model: section"),
+        ("model: {num_classes: 3}\ntrain: {lr: 1}\n", "only model: is read, found train"),
+        ("model: {num_classes: 3, backbon: dinov2}\n", "did you mean model.backbone?"),
+        ("model: [1\n", "not valid YAML"),
+    ],
+)
+def test_bad_row_files_are_one_line_errors(tmp_path, capsys, content, message):
+    row = tmp_path / "row.yaml"
+    if content is not None:
+        row.write_text(content)
+    code = main(["bench", "dg", "--methods", "frozen", "--row", f"x={row}", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and f"--row x={row}" in err and err.count("\n") == 1
+
+
+def test_bad_row_arguments(tmp_path, capsys):
+    row = tmp_path / "row.yaml"
+    row.write_text(yaml.safe_dump(RN_ROW))
+    for args, message in [
+        (["--row", str(row)], "write LABEL=MODEL_YAML"),
+        (["--methods", "frozen", "--row", f"frozen={row}"], "already a row"),
+        (["--methods"], "no rows"),
+    ]:
+        assert main(["bench", "dg", *args, "--out", str(tmp_path / "o")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -155,6 +155,10 @@ def test_relative_paths_resolve_against_cwd_then_repo_root(tmp_path, monkeypatch
     monkeypatch.setenv("PIVOTSEG_TEST_ROOT", str(tmp_path))
     cfg = config_from_dict(MINIMAL, ["data.source.path=$PIVOTSEG_TEST_ROOT/here"])
     assert cfg.data.source.path == str(tmp_path / "here")
+    # A method argument that names a file (FAMix's style bank) follows the same rules.
+    (tmp_path / "bank.safetensors").write_bytes(b"")
+    cfg = config_from_dict(MINIMAL, ["model.method_args={style_bank: bank.safetensors}"])
+    assert cfg.model.method_args["style_bank"] == str(tmp_path / "bank.safetensors")
 
 
 def test_saved_config_loads_back_identical(tmp_path):

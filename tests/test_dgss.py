@@ -26,35 +26,11 @@ from pivotseg.errors import ConfigError
 from pivotseg.paths import REPO_ROOT
 from pivotseg.segmenter import build_segmenter, load_segmenter
 from pivotseg.tasks.dgss import evaluate, train
+from tests.helpers import TINY_HEAD_ARGS, TINY_METHOD_ARGS, tiny_vit_config
 
-TINY_DINOV2 = dict(
-    hidden_size=32,
-    num_hidden_layers=4,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=32,
-    patch_size=8,
-)
-HEAD_ARGS = {
-    "fpn": dict(channels=16),
-    "mask2former": dict(
-        num_queries=6,
-        hidden_dim=64,
-        decoder_layers=2,
-        encoder_layers=1,
-        num_heads=4,
-        dim_feedforward=64,
-        encoder_feedforward_dim=64,
-        train_num_points=256,
-    ),
-}
-METHOD_ARGS = {
-    "frozen": {},
-    "full": {},
-    "lora": dict(rank=4),
-    "rein": dict(num_tokens=6, rank=4),
-    "dpft": dict(num_tokens=12, per_class=2, rank=4, attn_dim=16, context_rank=8),
-}
+TINY_DINOV2 = tiny_vit_config()
+HEAD_ARGS = TINY_HEAD_ARGS
+METHOD_ARGS = TINY_METHOD_ARGS
 METHODS = list(METHOD_ARGS)
 HEADS = list(HEAD_ARGS)
 CLASSES = ["red", "green", "blue"]

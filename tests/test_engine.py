@@ -23,6 +23,7 @@ from pivotseg.engine import (
     Trainer,
     TrainingStopped,
     accumulation_steps,
+    build_optimizer,
     build_scheduler,
     default_param_groups,
     read_metrics,
@@ -167,6 +168,39 @@ def test_default_param_groups_skip_frozen_and_decay_only_matrices():
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
 
 
+def test_sgd_with_momentum_matches_hand_computed_steps():
+    # Two groups as a tuning method's rules give them: own lr and weight decay each.
+    a, b = nn.Parameter(torch.tensor([1.0, -2.0])), nn.Parameter(torch.tensor([3.0]))
+    groups = [{"params": [a], "lr": 0.1, "weight_decay": 0.5}, {"params": [b], "lr": 0.01}]
+    opt = build_optimizer(groups, lr=1.0, weight_decay=0.0, name="sgd", momentum=0.9)
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["nesterov"] is False
+    for _ in range(2):  # loss = sum(a^2) + 2b: grads 2a and 2
+        opt.zero_grad()
+        ((a**2).sum() + 2 * b.sum()).backward()
+        opt.step()
+    # a: g0 = 2a0 + 0.5a0 = [2.5, -5], buf1 = g0, a1 = a0 - 0.1 buf1 = [0.75, -1.5];
+    #    g1 = 2.5a1 = [1.875, -3.75], buf2 = 0.9 buf1 + g1 = [4.125, -8.25], a2 = a1 - 0.1 buf2.
+    torch.testing.assert_close(a.detach(), torch.tensor([0.3375, -0.675]), rtol=0, atol=1e-6)
+    # b: no decay, g = 2 twice: buf = 2 then 3.8; b = 3 - 0.02 - 0.038.
+    torch.testing.assert_close(b.detach(), torch.tensor([2.942]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(opt.state[a]["momentum_buffer"], torch.tensor([4.125, -8.25]))
+
+
+def test_unknown_optimizer_is_a_one_line_config_error():
+    with pytest.raises(
+        ConfigError, match="train.optimizer='adam' is unknown; use one of adamw, sgd"
+    ):
+        build_optimizer([{"params": [nn.Parameter(torch.zeros(1))]}], 0.1, 0.0, name="adam")
+    from pivotseg.config import config_from_dict
+
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"model": {"num_classes": 2}, "train": {"optimizer": "adam"}})
+    assert str(err.value) == "train.optimizer='adam': use one of adamw, sgd"
+    cfg = config_from_dict({"model": {"num_classes": 2}}, ["train.optimizer=sgd"])
+    assert (cfg.train.optimizer, cfg.train.momentum) == ("sgd", 0.9)
+    assert config_from_dict({"model": {"num_classes": 2}}).train.optimizer == "adamw"
+
+
 # ----- data order --------------------------------------------------------------------------------
 def _take(sampler, n):
     it = iter(sampler)
@@ -273,15 +307,51 @@ def test_resume_after_stop_repeats_the_uninterrupted_run(tmp_path):
     assert (tmp_path / "part" / "checkpoints" / "iter_0000003").is_dir()
     resumed_model, again = make_trainer(tmp_path, "part", **cfg)
     again.fit(resume=tmp_path / "part" / "checkpoints" / "last")
-    assert _strip_time(read_metrics(tmp_path / "part")) == _strip_time(
-        read_metrics(tmp_path / "full")
+    assert_same_run(tmp_path / "part", tmp_path / "full", resumed_model, full_model)
+
+
+def test_resume_with_sgd_restores_momentum_and_repeats_the_run(tmp_path):
+    cfg = dict(
+        iterations=8,
+        eval_every=4,
+        global_batch_size=2,
+        optimizer="sgd",
+        momentum=0.9,
+        lr=0.5,
+        weight_decay=1e-4,
     )
-    for a, b in zip(full_model.parameters(), resumed_model.parameters()):
-        assert torch.equal(a, b)
+    full_model, full = make_trainer(tmp_path, "full", **cfg)
+    full.fit()
+    _, part = make_trainer(tmp_path, "part", **cfg)
+    part.fit(stop_at=3)
+    _, optim_state, _ = ckpt.load_checkpoint_state(tmp_path / "part" / "checkpoints" / "last")
+    buffers = [s["momentum_buffer"] for s in optim_state["state"].values()]
+    assert buffers and all(torch.count_nonzero(b) > 0 for b in buffers)
+    assert optim_state["param_groups"][0]["momentum"] == 0.9
+    resumed_model, again = make_trainer(tmp_path, "part", **cfg)
+    again.fit(resume=tmp_path / "part")
+    assert_same_run(tmp_path / "part", tmp_path / "full", resumed_model, full_model)
+    # Without the saved buffers the continuation differs: the equality above needs them.
+    _, lost = make_trainer(tmp_path, "lost", **cfg)
+    lost.fit(stop_at=3)
+    folder = tmp_path / "lost" / "checkpoints" / "last"
+    state = ckpt.load_nested(folder, "optimizer")
+    state["state"] = {}
+    ckpt.save_nested(state, folder, "optimizer")
+    lost_model, lost = make_trainer(tmp_path, "lost", **cfg)
+    lost.fit(resume=folder)
+    assert not torch.equal(lost_model.classifier.weight, full_model.classifier.weight)
 
 
 def _strip_time(records):
     return [{k: v for k, v in r.items() if k != "sec_per_iter"} for r in records]
+
+
+def assert_same_run(run, reference, model, reference_model):
+    """The run logged what the reference run logged (timings aside) and ended on its weights."""
+    assert _strip_time(read_metrics(run)) == _strip_time(read_metrics(reference))
+    for a, b in zip(reference_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_signal_saves_checkpoint_and_resume_matches(tmp_path):
@@ -296,11 +366,7 @@ def test_signal_saves_checkpoint_and_resume_matches(tmp_path):
     assert "iteration 3 of 6" in message and "--resume" in message and "\n" not in message
     resumed_model, again = make_trainer(tmp_path, "stopped", **cfg)
     again.fit(resume=tmp_path / "stopped")
-    assert _strip_time(read_metrics(tmp_path / "stopped")) == _strip_time(
-        read_metrics(tmp_path / "full")
-    )
-    for a, b in zip(full_model.parameters(), resumed_model.parameters()):
-        assert torch.equal(a, b)
+    assert_same_run(tmp_path / "stopped", tmp_path / "full", resumed_model, full_model)
 
 
 def test_nan_loss_stops_naming_iteration_and_checkpoint(tmp_path):

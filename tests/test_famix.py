@@ -2,6 +2,7 @@
 text-tower conversion, the DeepLabv3+ head, the segmenter integration and the mining CLI."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -508,3 +509,59 @@ def test_missing_bank_only_blocks_training(tmp_path, rn_checkpoint):
     method.train()
     with pytest.raises(CheckpointError, match="style bank not found"):
         backbone(x)
+
+
+# ----- the pipeline-check inputs of bench dg ---------------------------------------------------
+def test_pipeline_check_inputs_fit_together_and_are_reused(tmp_path, monkeypatch):
+    import yaml
+
+    import pivotseg.tuning.famix as famix_module
+    from bench.famix_inputs import prepare_famix_check, prompt_words
+    from pivotseg.data.taxonomy import CAMVID_CLASSES
+    from pivotseg.segmenter import build_segmenter
+    from pivotseg.tasks.dgss.benchmark import load_row_model
+    from pivotseg.tasks.openvocab.templates import FAMIX_STYLES
+    from pivotseg.tasks.openvocab.text import load_tokenizer
+
+    data = _camvid(tmp_path / "camvid", n=3)
+    base = tmp_path / "base.yaml"
+    source = {"path": str(data), "format": "camvid", "split": "train"}
+    base.write_text(
+        yaml.safe_dump({"model": {"num_classes": 11}, "data": {"source": source, "crop_size": 32}})
+    )
+    calls = []
+    real = famix_module.mine_styles
+    monkeypatch.setattr(
+        famix_module, "mine_styles", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    tiny_text = dict(width=64, layers=1, heads=1, context=32, embed_dim=16)
+    cache = tmp_path / "cache"
+    kwargs = dict(limit=2, batch_size=1, steps=2, templates="single", visual=RN_TINY)
+    row = prepare_famix_check(cache, base, text=tiny_text, progress=False, **kwargs)
+    assert len(calls) == 2  # two batches of one image
+
+    # The tokenizer: every word of the mining prompts is one token; end of text is the last id.
+    tokenizer = load_tokenizer(cache)
+    words = prompt_words(list(CAMVID_CLASSES), ["a photo of a {}."], list(FAMIX_STYLES))
+    assert "signsymbol" in words and "cyberpunk" in words
+    for word in words:
+        ids = tokenizer(word)["input_ids"]
+        assert len(ids) == 3 and tokenizer.decode(ids[1:2]) == word
+    assert tokenizer.eos_token_id == len(tokenizer) - 1
+
+    # The weights load through the loaders FAMix uses; the bank fits the row's model.
+    model_section = load_row_model(row, "famix")
+    weights = model_section["backbone_source"]
+    encoder = load_openai_text_encoder(weights)
+    assert encoder.model.config.vocab_size == len(tokenizer) and encoder.dim == 16
+    assert encoder.encode(["Urban Grit style road"]).shape == (1, 16)
+    bank = StyleBank.load(model_section["method_args"]["style_bank"])
+    assert bank.info["done_batches"] == bank.info["total_batches"] == 2 and sum(bank.counts())
+    model = build_segmenter(model_section)  # FAMix checks the bank against the backbone here
+    assert model.tuning.bank_loaded and model.config.head == "deeplabv3plus"
+    assert model.config.num_classes == 11 and "RANDOM" in row.read_text()
+
+    # A second call reuses the cache: no mining, the same weights file.
+    stamp = Path(weights).stat().st_mtime_ns
+    assert prepare_famix_check(cache, base, text=tiny_text, progress=False, **kwargs) == row
+    assert len(calls) == 2 and Path(weights).stat().st_mtime_ns == stamp

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,35 +13,12 @@ from pivotseg.backbones.dinov2 import build_dinov2
 from pivotseg.errors import CheckpointError, ConfigError
 from pivotseg.heads.base import NORM_TYPES
 from pivotseg.segmenter import SegmenterConfig, build_segmenter, load_segmenter
+from tests.helpers import TINY_HEAD_ARGS, TINY_METHOD_ARGS, tiny_vit_config
 
 NUM_CLASSES = 3
-TINY_DINOV2 = dict(
-    hidden_size=32,
-    num_hidden_layers=4,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=32,
-    patch_size=8,
-)
-HEAD_ARGS = {
-    "fpn": dict(channels=16),
-    "mask2former": dict(
-        num_queries=6,
-        hidden_dim=64,  # GroupNorm(32) needs two channels per group on 1x1 maps
-        decoder_layers=2,
-        encoder_layers=1,
-        num_heads=4,
-        dim_feedforward=64,
-        encoder_feedforward_dim=64,
-        train_num_points=256,
-    ),
-}
-METHOD_ARGS = {
-    "frozen": {},
-    "full": {},
-    "rein": dict(num_tokens=6, rank=4),
-    "dpft": dict(num_tokens=12, per_class=2, rank=4, attn_dim=16, context_rank=8),
-}
+TINY_DINOV2 = tiny_vit_config()
+HEAD_ARGS = TINY_HEAD_ARGS
+METHOD_ARGS = TINY_METHOD_ARGS
 CASES = [("fpn", "frozen"), ("fpn", "rein"), ("mask2former", "frozen"), ("mask2former", "rein")]
 
 
@@ -114,6 +92,34 @@ def test_train_mode_keeps_frozen_backbone_in_eval(backbone_dir):
 
 
 # ----- training --------------------------------------------------------------------------------
+def test_dpft_warm_up_pads_labels_sets_pivots_and_keeps_the_mode(backbone_dir):
+    cfg = make_config("fpn", "dpft", backbone_dir)
+    assert build_segmenter(cfg).warmup_images == 0  # DPFT's default: no warm-up pass
+    cfg.method_args = {**cfg.method_args, "warmup_images": 500, "presence_calibration": True}
+    seg = build_segmenter(cfg).train()
+    assert seg.warmup_images == 500  # methods.md: one pass over 500 source images
+    assert make_segmenter("fpn", "rein", backbone_dir).warmup_images == 0
+    images, labels = toy_batch(size=(27, 41))  # padded to 32 x 48 inside
+    trained = {n: p.clone() for n, p in seg.named_parameters() if p.requires_grad}
+    seg.warm_up(images, labels)
+    bank = seg.tuning.pivot_banks["32"]
+    assert bank.valid.all()
+    assert seg.training and seg.tuning.training
+    for name, p in seg.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, trained[name]), name
+    # A second batch calibrates the presence of the blocks that separate the classes.
+    two = labels.clamp(max=1)  # class 2's third painted as class 1: class 2 is absent
+    colours = torch.tensor([[200.0, 30, 30], [30, 200, 30]])
+    seg.warm_up(colours[two.clamp(max=1)].permute(0, 3, 1, 2), two)
+    assert seg.tuning.presence_seen.any()
+    # Training steps use the calibration and update it in place before their backward pass.
+    for _ in range(2):
+        loss, parts = seg.compute_loss(images, labels)
+        loss.backward()
+    assert "loss_pivot" in parts
+
+
 @pytest.mark.parametrize(("head", "method"), CASES)
 def test_loss_falls_on_a_fixed_batch(head, method, backbone_dir):
     torch.manual_seed(0)
@@ -228,7 +234,10 @@ def test_save_then_load_gives_identical_logits(head, method, backbone_dir, tmp_p
     seg.save(tmp_path / "ckpt")
     torch.manual_seed(1)  # another random init must not matter
     again = load_segmenter(tmp_path / "ckpt")
-    assert not again.training and again.config == seg.config
+    assert not again.training
+    # The file holds every method argument, defaults included, and nothing else differs.
+    assert again.config.method_args == seg.tuning.config()
+    assert replace(again.config, method_args=seg.config.method_args) == seg.config
     with torch.no_grad():
         torch.testing.assert_close(again(images), ref, rtol=0, atol=0)
 

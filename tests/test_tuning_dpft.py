@@ -329,3 +329,104 @@ def test_dpft_on_a_hierarchical_backbone():
     (loss + sum(o.mean() for o in out) + dpft.queries().mean()).backward()
     for i, c in enumerate(dims):
         assert dpft.tokens_b[i].shape == (16, c) and dpft.tokens_b[i].grad is not None
+
+
+# ----- presence calibration and warm-up -----------------------------------------------------
+
+
+def lme(cosines, tau=0.07):
+    """log-mean-exp of cos / tau, written out."""
+    return math.log(sum(math.exp(c / tau) for c in cosines) / len(cosines))
+
+
+def test_presence_calibration_statistics_and_logits_by_hand(saved_backbone):
+    _, dpft = build(saved_backbone, presence_calibration=True, presence_momentum=0.9)
+    bank = dpft.pivot_banks["32"]
+    e = torch.eye(32)
+    bank.pivots.copy_(torch.stack([e[0], e[1], e[2]]))
+    bank.valid.fill_(True)
+    # Two images of two patches (a 1x2 grid at stride 14): image 0 shows classes 0 and 1,
+    # image 1 shows class 0 only.
+    labels = torch.stack(
+        [torch.tensor([0] * 14 + [1] * 14).expand(14, 28), torch.zeros(14, 28, dtype=torch.long)]
+    )
+    r = 1 / math.sqrt(2)
+    f = torch.stack([torch.stack([e[0], r * (e[1] + e[2])]), torch.stack([e[0], e[0]])])
+    s0 = [lme([1, 0]), lme([0, r]), lme([0, r])]  # image 0: classes 0, 1, 2
+    s1 = [lme([1, 1]), lme([0, 0]), lme([0, 0])]  # image 1
+    dpft.train()
+    dpft.token_log_presence(f, index=2, hw=(1, 2))
+    dpft.extra_loss(labels)
+    stats, seen = dpft.presence_stats[2], dpft.presence_seen[2]
+    # class 0: present in both images; class 1: present in 0, absent in 1; class 2: absent.
+    assert seen.tolist() == [[True, False], [True, True], [False, True]]
+    assert not dpft.presence_seen[[0, 1, 3]].any()
+    torch.testing.assert_close(stats[0, 0], torch.tensor((s0[0] + s1[0]) / 2))
+    torch.testing.assert_close(stats[1], torch.tensor([s0[1], s1[1]]))
+    torch.testing.assert_close(stats[2, 1], torch.tensor((s0[2] + s1[2]) / 2))
+    # Only class 1 was seen both present and absent (with a positive gap): it alone is gated.
+    logits, gated = dpft.class_presence_logits(f, 2)
+    assert gated.tolist() == [False, True, False]
+    mid, gap = (s0[1] + s1[1]) / 2, s0[1] - s1[1]
+    expected = torch.tensor([4 * (s0[1] - mid) / gap, 4 * (s1[1] - mid) / gap])
+    torch.testing.assert_close(logits[:, 1], expected)
+    log_rho = dpft.token_log_presence(f, index=2, hw=(1, 2))
+    # Tokens 1-4 are class 0's, 5-8 class 1's, 9-12 class 2's: classes 0 and 2 keep rho 1.
+    assert (log_rho[:, 1:5] == 0).all() and (log_rho[:, 9:13] == 0).all()
+    torch.testing.assert_close(log_rho[:, 5:9], F.logsigmoid(logits[:, 1:2]).expand(2, 4))
+    assert log_rho[0, 5] > math.log(0.8) and log_rho[1, 5] < math.log(0.2)  # present / absent
+    # A block without statistics keeps the bare score - b and gates nothing; without a block
+    # (calibration unknown) every class with a pivot is gated.
+    plain, gated = dpft.class_presence_logits(f, 1)
+    torch.testing.assert_close(plain[0], torch.tensor(s0))
+    assert not gated.any() and dpft.class_presence_logits(f)[1].all()
+    dpft.eval()
+    dpft.extra_loss(labels)  # clears what the calls above cached, without updating
+    torch.testing.assert_close(dpft.presence_stats[2], stats)
+    # A second training batch moves the statistics by EMA (momentum 0.9) where it measures them.
+    dpft.train()
+    g = torch.stack([e[0], e[0]])[None].expand(2, 2, 32)
+    t = [lme([1, 1]), lme([0, 0]), lme([0, 0])]
+    before = stats.clone()
+    dpft.token_log_presence(g, index=2, hw=(1, 2))
+    dpft.extra_loss(labels)
+    torch.testing.assert_close(stats[0, 0], 0.9 * before[0, 0] + 0.1 * t[0])
+    torch.testing.assert_close(stats[1], 0.9 * before[1] + 0.1 * torch.tensor([t[1], t[1]]))
+    torch.testing.assert_close(stats[0, 1], before[0, 1])  # never measured: unchanged
+
+
+def test_warm_up_sets_pivots_then_a_running_mean_of_calibration(saved_backbone):
+    backbone = build_dinov2(saved_backbone).eval()
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(4)}
+    # Registered before DPFT's hooks: each block's own output = the f DPFT's update receives.
+    for i in range(4):
+        backbone.add_block_hook(i, lambda t, hw, i=i: seen[i].append(t) or t)
+    dpft = build_method("dpft", backbone, K, presence_calibration=True)
+    bank = dpft.pivot_banks["32"]
+    all_three, no_class_2 = stripes(batch=1), stripes(batch=1).clamp(max=1)
+    torch.manual_seed(0)
+    xs = [torch.randn(1, 3, 56, 56) for _ in range(3)]
+    scores: dict[int, list[torch.Tensor]] = {i: [] for i in range(4)}
+    for step, (x, labels) in enumerate(zip(xs, [all_three, no_class_2, no_class_2])):
+        pivots = bank.pivots.clone()
+        with torch.no_grad():
+            backbone(x)
+        dpft.warm_up(labels)
+        if step == 0:
+            continue  # no pivots during the first batch: no statistics
+        for i in range(4):
+            cos = F.normalize(seen[i][-1][0], dim=-1) @ F.normalize(pivots, dim=-1).T
+            scores[i].append(torch.log(torch.exp(cos / 0.07).mean(0)))  # (K,)
+    # Pivots: plain class means of the pivot block's tokens over all three batches.
+    grids = torch.cat([t.view(1, 4, 4, 32) for t in seen[3]])
+    torch.testing.assert_close(bank.pivots[0], grids[:, :, :2].mean((0, 1, 2)))
+    class_1 = torch.cat([grids[0, :, 2], grids[1:, :, 2:].reshape(-1, 32)])  # cols 2(-3)
+    torch.testing.assert_close(bank.pivots[1], class_1.mean(0))
+    torch.testing.assert_close(bank.pivots[2], grids[0, :, 3].mean(0))  # batch 1 only
+    # Calibration: a running mean over batches 2 and 3 (classes 0, 1 present, 2 absent).
+    for i in range(4):
+        both = torch.stack(scores[i]).mean(0)
+        stats, measured = dpft.presence_stats[i], dpft.presence_seen[i]
+        assert measured.tolist() == [[True, False], [True, False], [False, True]]
+        torch.testing.assert_close(stats[:2, 0], both[:2])
+        torch.testing.assert_close(stats[2, 1], both[2])

@@ -14,9 +14,13 @@ examples:
   pivotseg bench dg                                   # the CamVid-day protocol, 5 methods x 3 seeds
   pivotseg bench dg --methods rein dpft --seeds 0 1 2 --target night=/data/camvid_dusk:camvid:test
   pivotseg bench dg --config my_base.yaml train.iterations=1000
+  pivotseg bench dg --methods frozen --row "famix=runs/famix_inputs/row_model.yaml"
 
 Targets are NAME=PATH[:FORMAT[:SPLIT[:DOMAIN]]]; classes are mapped to the source taxonomy where
 a mapping exists (CamVid <-> Cityscapes, see docs/datasets.md). Finished runs in --out are reused.
+A --row file holds a model: section (backbone, method, head) that replaces the base config's
+model for that row; data, budget, seeds and targets stay the base's, and model.* overrides
+apply to the base rows only. --methods with no names runs the --row rows alone.
 """
 
 
@@ -32,7 +36,14 @@ def register(subparsers) -> None:
     )
     dg.add_argument("overrides", nargs="*", metavar="key=value", help="base config overrides")
     dg.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base run config (YAML)")
-    dg.add_argument("--methods", nargs="+", default=None, help="tuning methods (default: all five)")
+    dg.add_argument("--methods", nargs="*", default=None, help="tuning methods (default: all five)")
+    dg.add_argument(
+        "--row",
+        action="append",
+        default=[],
+        metavar="LABEL=MODEL_YAML",
+        help="an extra row with its own model: section (repeatable), after the methods",
+    )
     dg.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     dg.add_argument(
         "--target",
@@ -48,7 +59,12 @@ def register(subparsers) -> None:
 def run_dg(args: argparse.Namespace) -> int:
     from pivotseg.config import DatasetSpec
     from pivotseg.errors import ConfigError
-    from pivotseg.tasks.dgss.benchmark import DEFAULT_METHODS, BenchPlan, run_benchmark
+    from pivotseg.tasks.dgss.benchmark import (
+        DEFAULT_METHODS,
+        BenchPlan,
+        load_row_model,
+        run_benchmark,
+    )
 
     if not args.config.is_file():
         raise ConfigError(f"{args.config}: no such config; pass --config BASE.yaml")
@@ -59,9 +75,22 @@ def run_dg(args: argparse.Namespace) -> int:
                 f"--target {spec.label}: {spec.path} does not exist; give "
                 "NAME=PATH[:FORMAT[:SPLIT]] with the dataset's root folder (see docs/datasets.md)"
             )
+    methods = list(DEFAULT_METHODS if args.methods is None else args.methods)
+    models = {}
+    for item in args.row:
+        label, sep, path = item.partition("=")
+        label = label.strip()
+        if not sep or not label or not path:
+            raise ConfigError(f"--row {item!r}: write LABEL=MODEL_YAML, e.g. famix=famix_row.yaml")
+        if label in methods or label in models:
+            raise ConfigError(f"--row {label}: that label is already a row; choose another")
+        models[label] = load_row_model(path, label)
+    if not methods and not models:
+        raise ConfigError("bench dg: no rows; name --methods or give --row LABEL=MODEL_YAML")
     plan = BenchPlan(
         config=args.config,
-        methods=list(args.methods or DEFAULT_METHODS),
+        methods=methods + list(models),
+        models=models,
         seeds=list(args.seeds),
         targets=targets,
         out_dir=args.out,

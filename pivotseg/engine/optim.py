@@ -64,14 +64,44 @@ def default_param_groups(module: nn.Module, lr: float, weight_decay: float) -> l
     return [g for g in groups if g["params"]]
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def build_optimizer(
-    param_groups: Sequence[dict], lr: float, weight_decay: float, betas: Iterable[float]
-) -> torch.optim.AdamW:
-    """AdamW over ``param_groups``; a group's own ``lr``/``weight_decay`` win over the defaults."""
+    param_groups: Sequence[dict],
+    lr: float,
+    weight_decay: float,
+    betas: Iterable[float] = (0.9, 0.999),
+    *,
+    name: str = "adamw",
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
+    """The optimiser over ``param_groups``; a group's own ``lr``/``weight_decay`` win.
+
+    Args:
+        param_groups: torch parameter groups (e.g. ``Segmenter.param_groups``); per-group
+            learning rates and weight decays from the tuning method's rules are kept as given.
+        lr, weight_decay: defaults for groups that do not set their own.
+        betas: AdamW's moment decays (ignored by SGD).
+        name: ``adamw`` (decoupled weight decay) or ``sgd`` (heavy-ball momentum, no Nesterov,
+            weight decay added to the gradient as L2, as FAMix's and mmseg's SGD recipes).
+        momentum: SGD's momentum (ignored by AdamW).
+
+    Raises:
+        ConfigError: an unknown ``name``, or nothing to train.
+    """
+    if name not in OPTIMIZERS:
+        raise ConfigError(
+            f"train.optimizer={name!r} is unknown; use one of {', '.join(OPTIMIZERS)}"
+        )
     groups = [{**g, "params": list(g["params"])} for g in param_groups]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ConfigError(
             "the model has no trainable parameters; check model.method (frozen trains the head)"
+        )
+    if name == "sgd":
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False
         )
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas))

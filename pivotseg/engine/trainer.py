@@ -133,18 +133,19 @@ class Trainer:
             return self.model.param_groups(lr, wd)
         return default_param_groups(self.model, lr, wd)
 
-    def _loader(self, start_iteration: int) -> DataLoader:
+    def _loader(self, start_iteration: int, seed: int | None = None) -> DataLoader:
         per_step = self.accumulation * self.per_device_batch
+        seed = self.seed if seed is None else seed
         sampler = InfiniteSampler(
             len(self.train_set),
-            seed=self.seed,
+            seed=seed,
             rank=self.rank,
             world_size=self.world_size,
             start=start_iteration * per_step,
         )
         # An own generator: creating the loader's iterator must not consume the global torch
         # generator, whose state is part of what a resume restores.
-        generator = torch.Generator().manual_seed(self.seed * 1009 + self.rank)
+        generator = torch.Generator().manual_seed(seed * 1009 + self.rank)
         kwargs = {}
         if self.num_workers > 0:
             kwargs = dict(persistent_workers=True, prefetch_factor=2)
@@ -160,6 +161,26 @@ class Trainer:
             drop_last=True,
             **kwargs,
         )
+
+    def _warm_up(self) -> None:
+        """Run the model's warm-up (e.g. DPFT's pivot initialisation) before a fresh start.
+
+        ``model.warmup_images`` source images, split over the processes, drawn in an order of
+        their own (seed + 1) so that the training data order stays that of a run without
+        warm-up; its results are buffers, saved with the model, so a resume skips it.
+        """
+        wanted = int(getattr(self.model, "warmup_images", 0) or 0)
+        if wanted <= 0 or not hasattr(self.model, "warm_up"):
+            return
+        steps = math.ceil(math.ceil(wanted / self.world_size) / self.per_device_batch)
+        loader = iter(self._loader(0, seed=self.seed + 1))
+        device = self.accelerator.device
+        try:
+            for _ in tqdm(range(steps), desc="warm-up", disable=not self.is_main):
+                batch = next(loader)
+                self.model.warm_up(batch["image"].to(device), batch["label"].to(device))
+        finally:
+            del loader
 
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
@@ -245,7 +266,14 @@ class Trainer:
         """
         cfg, acc = self.cfg, self.accelerator
         total = cfg.iterations
-        optimizer = build_optimizer(self._param_groups(), cfg.lr, cfg.weight_decay, cfg.betas)
+        optimizer = build_optimizer(
+            self._param_groups(),
+            cfg.lr,
+            cfg.weight_decay,
+            cfg.betas,
+            name=getattr(cfg, "optimizer", "adamw"),
+            momentum=getattr(cfg, "momentum", 0.9),
+        )
         scheduler = build_scheduler(
             optimizer,
             total,
@@ -262,6 +290,7 @@ class Trainer:
             start = self._resume(ckpt.resolve_checkpoint(resume), optimizer, scheduler)
             self.run.truncate_metrics(start)
         else:
+            self._warm_up()
             # Dropout and other model randomness differ per process; data randomness is
             # per sample (SeededItems), so it does not depend on this.
             torch.manual_seed(self.seed + self.rank)

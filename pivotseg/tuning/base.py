@@ -40,11 +40,14 @@ class TuningMethod(nn.Module):
         recommended_clip_norm: gradient max-norm the method's recipe clips to (the engine
             applies it when the run config does not say otherwise); ``None`` for no clipping.
         num_queries: rows of :meth:`queries` (0 when the method has none).
+        warmup_images: source images the engine runs through the model (no gradients) before
+            training starts, calling :meth:`warm_up` after each batch; 0 = no warm-up.
     """
 
     name: str = ""
     recommended_clip_norm: float | None = None
     num_queries: int = 0
+    warmup_images: int = 0
 
     def __init__(self, backbone: Backbone, num_classes: int, **args: Any):
         super().__init__()
@@ -82,6 +85,9 @@ class TuningMethod(nn.Module):
     def extra_loss(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Losses beyond the head's after a training forward (labels ``(B, H, W)``, 255 ignored)."""
         return {}
+
+    def warm_up(self, labels: torch.Tensor) -> None:
+        """After a no-grad forward of a warm-up batch (labels ``(B, H, W)`` as the input)."""
 
     def config(self) -> dict[str, Any]:
         """The method's own constructor arguments; ``build_method(name, bb, K, **config())``."""

@@ -19,6 +19,19 @@ ablation grid (Rein -> +class-structured -> +rho gating -> +U(z) -> +focus gate 
   inside the log-sum-exp and subtract ``log N`` (a log-mean-exp: a soft maximum of the cosine
   over patches, in ``[-1/tau, 1/tau]``). ``b`` (``presence_bias``) is one learnable scalar,
   initialised 0. Classes whose pivot has no data yet get ``rho = 1``;
+* optional presence calibration (``presence_calibration``, ours, off by default): measured on a
+  trained DPFT, the raw ``s_{l,k} - b`` put rho at 0.5-0.84 in early blocks and 0.99-1.00 in
+  late ones for *every* class (features of one block share a large common direction, so all
+  cosines are high) and b barely moved, so the gate suppressed nothing. With calibration each
+  block keeps, per class, the mean score of images where the class is present (one of its
+  tokens is, as for the pivots) and where it is absent (valid pivots only); with ``mid_{l,k}``
+  their midpoint and ``gap_{l,k}`` their difference the logit is
+  ``sharpness * (s_{l,k} - mid_{l,k}) / gap_{l,k} - b`` (sharpness 4: rho ~ 0.88 at the class's
+  typical present score, ~ 0.12 at its absent one). The statistics are buffers like the pivots:
+  a running mean over the warm-up, then an EMA (momentum 0.99) over training batches. A class
+  is not gated (rho = 1) until it has been seen both present and absent with a positive gap.
+  Per class because one midpoint per block (tried first) inverted the gate for rare classes,
+  whose pivots sit near the common direction (docs/benchmarks.md);
 * dynamic prompts (``dynamic_context``): ``T_l = E_l + rho~ * U(z_l)`` with ``z_l = mean_n f_n``
   and ``U`` a Linear ``c -> 64``, GELU, Linear ``64 -> c`` shared across blocks, its output layer
   zero-initialised (so training starts from static prompts). ``rho~_j`` is the presence of token
@@ -30,7 +43,7 @@ ablation grid (Rein -> +class-structured -> +rho gating -> +U(z) -> +focus gate 
     dfbar = S[:, :, 1:] @ MLP_T(T_l[1:])
     df    = MLP_D(dfbar + f)
     g     = 1 - S[:, :, 0]                                           # focus gate
-    f     = f + gamma_l * g * df                                     # gamma_l init 1e-3
+    f     = f + gamma_l * g * df                                     # gamma_l init 0.3
 
 ``W_q``/``W_k`` are bias-free and shared across blocks; ``MLP_T``/``MLP_D`` are Rein's shared
 ``c x c`` layers. Switching off ``focus_gate`` sets g = 1; ``presence_gating`` off drops the
@@ -43,9 +56,17 @@ equal to Rein's scale it computes exactly Rein (tested).
 EMA (momentum 0.999) of the class means of the patch tokens of the pivot block, over patches
 where >= 50% of the pixels carry the class; updated in :meth:`DPFT.extra_loss` (the labels arrive
 there) from tokens the hooks cached during the forward. Pivot tokens are the pivot block's output
-*before* its own PFF update, detached. :meth:`DPFT.init_pivots` sets them to plain class means
-over warm-up batches (methods.md: one pass over 500 source images); without warm-up the first
-training batch that shows a class initialises its pivot.
+*before* its own PFF update, detached. **Warm-up** (``warmup_images``, default 0; methods.md's
+recipe and our GPU configs: 500): the engine runs that many augmented source images through the model without gradients before training and
+calls :meth:`DPFT.warm_up` after each batch, which sets the pivots to plain class means over
+all of them (:meth:`DPFT.init_pivots`) and the presence calibration to its running mean; with
+``warmup_images=0`` the first training batch that shows a class initialises its pivot.
+
+**gamma_l init 0.3** (methods.md: 1e-3, Rein's scale init): chosen on source validation only
+(CPU protocol, 200 iterations; 1e-3 / 0.03 / 0.1 / 0.3 tried on seed 0, 0.3 on three seeds,
+docs/benchmarks.md). With 1e-3 the refinement can only grow by about the learning rate per
+step, so on a short schedule it barely acts (gamma reached 0.05 in 200 iterations). The paper
+recipes in configs/ keep 1e-3 for their 40k iterations.
 
 **Pivot loss** (``pivot_loss``): InfoNCE (tau 0.1) between per-image class-pooled PFF outputs at
 ``pivot_layers`` (default: the backbone's ``out_indices``) and the valid pivots, over the classes
@@ -75,6 +96,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -106,6 +128,13 @@ class DPFT(TokenMethod):
         pivot_tau: InfoNCE temperature.
         pivot_layers: blocks whose PFF outputs enter the pivot loss (default ``out_indices``).
         ortho_weight: weight of the optional prompt orthogonality penalty (0 = off).
+        presence_calibration: standardise each block's presence scores per class with source
+            statistics (see the module docstring); off = the bare ``score - b``.
+        presence_sharpness: the calibrated logit at the mean score of present classes (minus
+            that of absent ones): 4 gives rho ~ 0.88 / 0.12 there.
+        presence_momentum: EMA momentum of the calibration statistics during training.
+        warmup_images: source images the engine runs before training to set the pivots and the
+            calibration (:meth:`warm_up`); 0 = none.
         class_prompts, presence_gating, dynamic_context, focus_gate, pivot_loss: ablation
             switches (all on = the full method).
         link_queries: build the query link (off for heads without queries).
@@ -126,13 +155,17 @@ class DPFT(TokenMethod):
         query_dim: int = 256,
         attn_dim: int = 256,
         context_rank: int = 64,
-        gamma_init: float = 1e-3,
+        gamma_init: float = 0.3,
         presence_tau: float = 0.07,
         pivot_momentum: float = 0.999,
         pivot_weight: float = 0.1,
         pivot_tau: float = 0.1,
         pivot_layers: list[int] | None = None,
         ortho_weight: float = 0.0,
+        presence_calibration: bool = False,
+        presence_sharpness: float = 4.0,
+        presence_momentum: float = 0.99,
+        warmup_images: int = 0,
         class_prompts: bool = True,
         presence_gating: bool = True,
         dynamic_context: bool = True,
@@ -160,6 +193,9 @@ class DPFT(TokenMethod):
         self.pivot_loss = pivot_loss
         self.presence_tau, self.pivot_weight, self.pivot_tau = presence_tau, pivot_weight, pivot_tau
         self.ortho_weight, self.ignore_index = ortho_weight, ignore_index
+        self.presence_calibration = presence_calibration and presence_gating
+        self.presence_sharpness, self.presence_momentum = presence_sharpness, presence_momentum
+        self.warmup_images = warmup_images if (presence_gating or pivot_loss) else 0
         self.attn_dim = attn_dim
 
         # Class of each token: -1 for the null and generic tokens.
@@ -183,6 +219,12 @@ class DPFT(TokenMethod):
             )
         if presence_gating:
             self.presence_bias = nn.Parameter(torch.zeros(()))
+        if self.presence_calibration:
+            # Per block and class: mean score when present / absent, and whether measured yet.
+            # Buffers like the pivots: saved with the model, never trained by gradients.
+            shape = (backbone.num_blocks, num_classes, 2)
+            self.register_buffer("presence_stats", torch.zeros(shape))
+            self.register_buffer("presence_seen", torch.zeros(shape, dtype=torch.bool))
 
         # Pivots: one bank per width, fed by the last block of that width a forward runs.
         last = self.last_run_block()
@@ -204,7 +246,11 @@ class DPFT(TokenMethod):
         # width -> (pivot-block tokens, grid, block index); block index -> (PFF output, grid).
         self._pivot_cache: dict[int, tuple[torch.Tensor, tuple[int, int], int]] = {}
         self._loss_cache: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+        # block index -> (raw presence scores (B, K), valid pivots (K,), grid).
+        self._presence_cache: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = {}
         self._init_sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # block -> (K, 2) warm-up batches that measured each class present / absent so far
+        self._calibration_counts: dict[int, torch.Tensor] = {}
 
     @property
     def uses_pivots(self) -> bool:
@@ -217,7 +263,7 @@ class DPFT(TokenMethod):
         if self.uses_pivots and self.pivot_blocks.get(c) == index:
             self._pivot_cache[c] = (f.detach(), hw, index)
         tokens = self.layer_tokens(index).to(f.dtype)  # (M, c)
-        log_rho = self.token_log_presence(f) if self.presence_gating else None  # (B, M)
+        log_rho = self.token_log_presence(f, index, hw) if self.presence_gating else None
         if self.dynamic_context:
             rho = log_rho.exp() if log_rho is not None else torch.ones_like(f[:, :1, 0])
             shift = self.context[key](f.mean(1))  # (B, c)
@@ -237,36 +283,75 @@ class DPFT(TokenMethod):
             self._loss_cache[index] = (out, hw)
         return out
 
-    def class_presence_logits(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, K)`` presence logits of tokens ``f`` and the ``(K,)`` valid mask of their bank."""
+    def presence_scores(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, K)`` raw scores (log-mean-exp of cos / tau) and the ``(K,)`` valid pivots."""
         bank = self.pivot_banks[str(f.shape[-1])]
         cos = F.normalize(f, dim=-1) @ F.normalize(bank.pivots.to(f.dtype), dim=-1).T
         soft_max = torch.logsumexp(cos / self.presence_tau, dim=1) - math.log(f.shape[1])
-        return soft_max - self.presence_bias, bank.valid
+        return soft_max, bank.valid
 
-    def token_log_presence(self, f: torch.Tensor) -> torch.Tensor | None:
-        """``log rho~`` per token ``(B, M)``: 0 for null/generic tokens and pivot-less classes."""
+    def class_presence_logits(
+        self, f: torch.Tensor, index: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, K)`` presence logits of tokens ``f`` (at block ``index``) and the ``(K,)`` mask
+        of the classes that are gated (a valid pivot and, with calibration, statistics)."""
+        scores, valid = self.presence_scores(f)
+        logits, calibrated = self._calibrated(scores, index)
+        return logits - self.presence_bias, valid & calibrated
+
+    def _calibrated(
+        self, scores: torch.Tensor, index: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sharpness * (s - mid) / gap`` per class and the ``(K,)`` mask of classes that have
+        statistics (present and absent seen, positive gap; the others keep ``s``); without
+        calibration ``s`` and all classes."""
+        everything = torch.ones_like(scores[0], dtype=torch.bool)
+        if not self.presence_calibration or index is None:
+            return scores, everything
+        # A copy: extra_loss updates the statistics in place before the backward pass.
+        pos, neg = self.presence_stats[index].to(scores.dtype, copy=True).unbind(-1)
+        ready = self.presence_seen[index].all(-1) & (pos > neg)
+        gap = torch.where(ready, pos - neg, torch.ones_like(pos))
+        calibrated = self.presence_sharpness * (scores - (pos + neg) / 2) / gap
+        return torch.where(ready, calibrated, scores), ready
+
+    def token_log_presence(
+        self, f: torch.Tensor, index: int | None = None, hw: tuple[int, int] | None = None
+    ) -> torch.Tensor | None:
+        """``log rho~`` per token ``(B, M)``: 0 for null/generic tokens and ungated classes."""
         if str(f.shape[-1]) not in self.pivot_banks:
             return None
-        logits, valid = self.class_presence_logits(f)
+        scores, valid = self.presence_scores(f)
+        if self.presence_calibration and index is not None:
+            # The labels arrive later (extra_loss / init_pivots), which update the statistics.
+            self._presence_cache[index] = (scores.detach().float(), valid.clone(), hw)
+        logits, calibrated = self._calibrated(scores, index)
+        logits = logits - self.presence_bias
+        valid = valid & calibrated
         log_rho = F.logsigmoid(logits) * valid.to(logits.dtype)  # (B, K)
         log_rho = torch.cat([log_rho, log_rho.new_zeros(log_rho.shape[0], 1)], dim=1)
-        index = self.token_class % (self.num_classes + 1)  # -1 -> the zero column
-        return log_rho[:, index]
+        columns = self.token_class % (self.num_classes + 1)  # -1 -> the zero column
+        return log_rho[:, columns]
 
     # ----- losses and pivots --------------------------------------------------------------------
+    def _classes_memo(self, labels: torch.Tensor):
+        """``classes_of(hw, stride)``: :func:`patch_classes` of ``labels``, once per grid."""
+        memo: dict[tuple, torch.Tensor] = {}
+
+        def classes_of(hw, stride):
+            if (hw, stride) not in memo:
+                memo[hw, stride] = patch_classes(
+                    labels, hw, stride, self.num_classes, self.ignore_index
+                )
+            return memo[hw, stride]
+
+        return classes_of
+
     def extra_loss(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Pivot loss (and the optional prompt penalty); then one EMA step of the pivots."""
         losses: dict[str, torch.Tensor] = {}
         strides = self.backbone.block_strides()
-        classes_at: dict[tuple, torch.Tensor] = {}
-
-        def classes_of(hw, stride):
-            if (hw, stride) not in classes_at:
-                classes_at[hw, stride] = patch_classes(
-                    labels, hw, stride, self.num_classes, self.ignore_index
-                )
-            return classes_at[hw, stride]
+        classes_of = self._classes_memo(labels)
 
         if self.pivot_loss and self._loss_cache:
             terms = []
@@ -284,13 +369,57 @@ class DPFT(TokenMethod):
             losses["loss_pivot"] = self.pivot_weight * torch.stack(terms).mean()
         if self.ortho_weight > 0 and self.class_prompts:
             losses["loss_prompt_ortho"] = self.ortho_weight * self.prompt_orthogonality()
+        if self.training and self.presence_calibration:
+            self._update_presence_stats(classes_of, self.presence_momentum)
         if self.training and self.uses_pivots:
             for c, (feat, hw, index) in self._pivot_cache.items():
                 sums, counts = class_pool(feat, classes_of(hw, strides[index]), self.num_classes)
                 self.pivot_banks[str(c)].update(sums.sum(0), counts.sum(0))
         self._loss_cache.clear()
         self._pivot_cache.clear()
+        self._presence_cache.clear()
         return losses
+
+    @torch.no_grad()
+    def _update_presence_stats(self, classes_of, momentum: float | None) -> None:
+        """Move each cached block's per-class present / absent mean scores toward this batch's.
+
+        A class is present in an image when at least one of its tokens is the class's
+        (:func:`~pivotseg.tuning.pivots.patch_classes`); only classes with a valid pivot count.
+        ``momentum`` None: a plain running mean over the batches that measured the class
+        (warm-up); otherwise an EMA, started by the first measurement.
+        """
+        strides = self.backbone.block_strides()
+        for index, (scores, valid, hw) in sorted(self._presence_cache.items()):
+            classes = classes_of(hw, strides[index])  # (B, N)
+            ids = torch.arange(self.num_classes, device=classes.device)
+            present = (classes[..., None] == ids).any(1) & valid[None]  # (B, K)
+            absent = ~present & valid[None]
+            # (K, 4): sums and counts of present and absent scores, added over processes.
+            stats = torch.stack(
+                [
+                    (scores * present).sum(0),
+                    present.sum(0).to(scores.dtype),
+                    (scores * absent).sum(0),
+                    absent.sum(0).to(scores.dtype),
+                ],
+                dim=1,
+            )
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(stats)
+            sums, counts = stats[:, 0::2], stats[:, 1::2]  # (K, 2): present, absent
+            measured = counts > 0
+            mean = sums / counts.clamp_min(1)
+            seen = self.presence_seen[index]
+            if momentum is None:
+                done = self._calibration_counts.setdefault(index, torch.zeros_like(counts))
+                m = done / (done + 1)
+                done += measured.to(done.dtype)
+            else:
+                m = torch.where(seen, momentum, 0.0)
+            old = self.presence_stats[index]
+            self.presence_stats[index] = torch.where(measured, m * old + (1 - m) * mean, old)
+            self.presence_seen[index] = seen | measured
 
     def prompt_orthogonality(self) -> torch.Tensor:
         """Mean squared cosine between different classes' mean prompts, averaged over blocks."""
@@ -330,16 +459,31 @@ class DPFT(TokenMethod):
             cache = dict(self._pivot_cache)
         if not cache:
             raise RuntimeError("dpft.init_pivots: run a forward first, or pass features")
+        classes_of = self._classes_memo(labels)
+
+        if self.presence_calibration and features is None:
+            # Scores of this batch were computed with the pivots of the batches before it;
+            # a running mean over the warm-up (the first batch has no pivots and adds nothing).
+            self._update_presence_stats(classes_of, None)
         for c, (feat, hw, index) in cache.items():
-            classes = patch_classes(labels, hw, strides[index], self.num_classes, self.ignore_index)
+            classes = classes_of(hw, strides[index])
             sums, counts = class_pool(feat.float(), classes, self.num_classes)
             sums, counts = sums.sum(0), counts.sum(0)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(sums)
+                dist.all_reduce(counts)
             if c in self._init_sums:
                 sums = sums + self._init_sums[c][0]
                 counts = counts + self._init_sums[c][1]
             self._init_sums[c] = (sums, counts)
             self.pivot_banks[str(c)].set_means(sums, counts)
         self._pivot_cache.clear()
+        self._presence_cache.clear()
+
+    def warm_up(self, labels: torch.Tensor) -> None:
+        """The engine's warm-up step after a no-grad forward of a source batch: pivots (class
+        means over all warm-up batches) and presence calibration (their running mean)."""
+        self.init_pivots(labels)
 
     def param_group_rules(self) -> list[Rule]:
         # Rein's recipe extended: no decay on prompts, per-layer scales and the presence bias.

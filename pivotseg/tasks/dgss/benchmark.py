@@ -5,19 +5,33 @@ in a child process, so that its peak memory is its own and a crash or Ctrl-C los
 run: finished runs are found again and skipped when the benchmark is started once more.
 Model selection uses the source-side validation split only; targets are reported, never used
 to choose anything.
+
+A row is a tuning method on the base config's model (``frozen``, ``rein``...), a variant of one
+(:attr:`BenchPlan.variants`), or a model of its own (:attr:`BenchPlan.models`, ``--row
+LABEL=MODEL_YAML``): another backbone and head trained on the base config's data, budget, seeds
+and targets, e.g. FAMix's CLIP ResNet with DeepLabv3+ beside TinyViT rows.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pivotseg.config import DatasetSpec, RunConfig, config_to_dict, load_config
+import yaml
+
+from pivotseg.config import (
+    DatasetSpec,
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
 from pivotseg.errors import ConfigError
 
 DEFAULT_METHODS = ("frozen", "full", "lora", "rein", "dpft")
@@ -49,6 +63,45 @@ class BenchPlan:
     overrides: list[str] = field(default_factory=list)
     # Rows may be variants of one method: label -> (tuning method, its arguments).
     variants: dict[str, tuple[str, dict]] = field(default_factory=dict)
+    # Rows may bring their own model: label -> a ``model:`` section replacing the base's
+    # (method and head included); data, budget, seeds and targets stay the base's.
+    models: dict[str, dict] = field(default_factory=dict)
+
+
+def load_row_model(path: str | Path, label: str = "row") -> dict:
+    """The ``model:`` section of a row file (``--row LABEL=MODEL_YAML``), checked and resolved.
+
+    The file holds only a ``model:`` mapping (what :class:`pivotseg.segmenter.SegmenterConfig`
+    takes); paths in it follow the config rules (current folder, then the repository root).
+
+    Raises:
+        ConfigError: the file is missing, not YAML, has no ``model:`` mapping or other
+            sections, or the model section is invalid (unknown key, missing num_classes...).
+    """
+    path = Path(path)
+    where = f"--row {label}={path}"
+    if not path.is_file():
+        raise ConfigError(f"{where}: no such file; give a YAML file with a model: section")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ConfigError(
+            f"{where}: needs a model: section (backbone, method, head...) that replaces the base "
+            "config's model"
+        )
+    others = sorted(str(k) for k in data if k != "model")
+    if others:
+        raise ConfigError(
+            f"{where}: only model: is read, found {', '.join(others)} too; a row keeps the base "
+            "config's data, budget and seeds"
+        )
+    try:
+        cfg = config_from_dict({"model": data["model"]}, where=str(path))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return config_to_dict(cfg)["model"]
 
 
 def _child_main(config: str, overrides: list[str], result_file: str) -> None:
@@ -67,14 +120,21 @@ def _child_main(config: str, overrides: list[str], result_file: str) -> None:
     Path(result_file).write_text(json.dumps({"run_dir": str(run_dir), "peak_memory_mb": peak_mb}))
 
 
+def _yaml_value(value) -> str:
+    """One-line YAML that an override reads back exactly (JSON would write ``1e-05``, which
+    YAML 1.1 reads as a string)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+
+
 def _overrides_for(plan: BenchPlan, label: str, seed: int, run_dir: Path) -> list[str]:
-    method, args = plan.variants.get(label, (label, {}))
-    over = list(plan.overrides) + [
-        f"model.method={method}",
-        f"model.method_args={json.dumps(args)}",
-        f"seed={seed}",
-        f"run_dir={run_dir}",
-    ]
+    if label in plan.models:
+        # After the base overrides: the row's model is used as written (model.* overrides
+        # on the command line are meant for the base model).
+        model = [f"model={_yaml_value(plan.models[label])}"]
+    else:
+        method, args = plan.variants.get(label, (label, {}))
+        model = [f"model.method={method}", f"model.method_args={_yaml_value(args)}"]
+    over = list(plan.overrides) + model + [f"seed={seed}", f"run_dir={run_dir}"]
     if plan.targets:
         specs = [{k: v for k, v in vars(t).items() if v not in (None, {})} for t in plan.targets]
         over.append(f"data.targets={json.dumps(specs)}")
@@ -145,9 +205,11 @@ def run_one(plan: BenchPlan, method: str, seed: int) -> RunResult:
 
 
 def _slug(label: str) -> str:
-    """A folder name for a row label (``+focus gate`` -> ``plus_focus_gate``)."""
+    """A folder name for a row label (``+focus gate`` -> ``plus_focus_gate``, ``famix (random
+    RN50)`` -> ``famix_random_RN50``)."""
     text = label.replace("+", "plus ").strip()
-    return "".join(c if c.isalnum() or c in "-._" else "_" for c in text).strip("_") or "run"
+    slug = "".join(c if c.isalnum() or c in "-._" else "_" for c in text)
+    return re.sub("_+", "_", slug).strip("_") or "run"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -231,14 +293,15 @@ def bar_chart(summary: dict, path: Path) -> Path | None:
     methods = list(summary)
     groups = [*summary[methods[0]]["targets"], "mean"]
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(groups), 4))
+    fig, ax = plt.subplots(figsize=(4 + 1.6 * len(groups), 4))
     for i, m in enumerate(methods):
         pairs = [summary[m]["targets"][g] for g in groups[:-1]] + [summary[m]["mean"]]
         xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, [p[0] for p in pairs], width, yerr=[p[1] for p in pairs], label=m, capsize=2)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("mIoU (%)")
-    ax.legend(fontsize=8)
+    # Beside the axes: with many rows an inside legend hides bars.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("Domain generalisation: mIoU per target (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -251,6 +314,16 @@ def run_benchmark(plan: BenchPlan) -> dict:
     base = load_config(plan.config, plan.overrides)
     if base.data.source is None:
         raise ConfigError(f"{plan.config}: data.source is not set")
+    labels = list(plan.methods)
+    if len(set(labels)) != len(labels):
+        twice = sorted({m for m in labels if labels.count(m) > 1})
+        raise ConfigError(f"bench dg: row {twice[0]!r} is given twice; give each label once")
+    for label in plan.models:
+        if label not in labels:
+            raise ConfigError(f"bench dg: row {label!r} has a model but is not in the rows")
+        # Fail before any training on a model section the base's data cannot take.
+        seed = plan.seeds[0] if plan.seeds else 0
+        load_config(plan.config, _overrides_for(plan, label, seed, plan.out_dir))
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for method in plan.methods:
@@ -264,6 +337,7 @@ def run_benchmark(plan: BenchPlan) -> dict:
         json.dumps(
             {
                 "config": config_to_dict(base),
+                "row_models": plan.models,
                 "runs": [vars(r) for r in results],
                 "summary": summary,
             },
