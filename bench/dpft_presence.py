@@ -12,7 +12,6 @@ that works gives present classes a high rho and absent ones a low rho.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import sys
@@ -25,33 +24,16 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import write_section  # noqa: E402
 from pivotseg.config import load_config  # noqa: E402
-from pivotseg.errors import CheckpointError  # noqa: E402
-from pivotseg.segmenter import SegmenterConfig, build_segmenter, load_segmenter  # noqa: E402
+from pivotseg.segmenter import load_segmenter  # noqa: E402
 from pivotseg.tasks.dgss.evaluate import open_eval_datasets  # noqa: E402
 from pivotseg.tuning.pivots import patch_classes  # noqa: E402
-
-
-def load_run_model(run_dir: Path):
-    """The last checkpoint of a run; runs saved before presence calibration existed (their
-    segmenter.json leaves defaults out) are rebuilt with it off, as they were trained."""
-    folder = run_dir / "checkpoints" / "last"
-    try:
-        return load_segmenter(folder)
-    except CheckpointError as err:
-        if "presence_stats" not in str(err):
-            raise
-    data = json.loads((folder / "segmenter.json").read_text())
-    data["method_args"]["presence_calibration"] = False
-    model = build_segmenter(SegmenterConfig.from_dict(data))
-    model.load_trained(folder / "model.safetensors")
-    return model
 
 
 @torch.no_grad()
 def presence_by_block(run_dir: Path, images: int) -> dict[int, tuple[float, float]]:
     """``{block: (mean rho of present classes, mean rho of absent classes)}``."""
     cfg = load_config(run_dir / "config.yaml")
-    model = load_run_model(run_dir).eval()
+    model = load_segmenter(run_dir / "checkpoints" / "last").eval()
     dpft = model.tuning
     if getattr(dpft, "name", "") != "dpft" or not dpft.presence_gating:
         raise SystemExit(f"{run_dir}: not a dpft run with presence gating")

@@ -85,6 +85,10 @@ def test_token_layout():
     assert plain.num_tokens == 100 and (plain.token_class == -1).all()
     with pytest.raises(ConfigError, match="presence_gating gates class tokens"):
         build_method("dpft", build_dinov2(config=dict(TINY_DINO)), 3, class_prompts=False)
+    with pytest.raises(ConfigError, match="presence_calibration calibrates the presence gate"):
+        build_method(
+            "dpft", build_dinov2(config=dict(TINY_DINO)), 3, **OFF, presence_calibration=True
+        )
 
 
 # ----- reduction to Rein and the switches ---------------------------------------------------

@@ -181,6 +181,11 @@ class DPFT(TokenMethod):
             raise ConfigError(
                 "dpft: presence_gating gates class tokens; turn class_prompts on or gating off"
             )
+        if presence_calibration and not presence_gating:
+            raise ConfigError(
+                "dpft: presence_calibration calibrates the presence gate; turn presence_gating "
+                "on or calibration off"
+            )
         self.per_class = per_class if class_prompts else 0
         class_count = num_classes * self.per_class
         if generic_tokens is None:
@@ -193,7 +198,7 @@ class DPFT(TokenMethod):
         self.pivot_loss = pivot_loss
         self.presence_tau, self.pivot_weight, self.pivot_tau = presence_tau, pivot_weight, pivot_tau
         self.ortho_weight, self.ignore_index = ortho_weight, ignore_index
-        self.presence_calibration = presence_calibration and presence_gating
+        self.presence_calibration = presence_calibration
         self.presence_sharpness, self.presence_momentum = presence_sharpness, presence_momentum
         self.warmup_images = warmup_images if (presence_gating or pivot_loss) else 0
         self.attn_dim = attn_dim
@@ -296,18 +301,17 @@ class DPFT(TokenMethod):
         """``(B, K)`` presence logits of tokens ``f`` (at block ``index``) and the ``(K,)`` mask
         of the classes that are gated (a valid pivot and, with calibration, statistics)."""
         scores, valid = self.presence_scores(f)
-        logits, calibrated = self._calibrated(scores, index)
-        return logits - self.presence_bias, valid & calibrated
+        logits, ready = self._calibrated(scores, index)
+        return logits - self.presence_bias, valid if ready is None else valid & ready
 
     def _calibrated(
         self, scores: torch.Tensor, index: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``sharpness * (s - mid) / gap`` per class and the ``(K,)`` mask of classes that have
         statistics (present and absent seen, positive gap; the others keep ``s``); without
-        calibration ``s`` and all classes."""
-        everything = torch.ones_like(scores[0], dtype=torch.bool)
+        calibration ``s`` and ``None`` (every class)."""
         if not self.presence_calibration or index is None:
-            return scores, everything
+            return scores, None
         # A copy: extra_loss updates the statistics in place before the backward pass.
         pos, neg = self.presence_stats[index].to(scores.dtype, copy=True).unbind(-1)
         ready = self.presence_seen[index].all(-1) & (pos > neg)
@@ -325,9 +329,10 @@ class DPFT(TokenMethod):
         if self.presence_calibration and index is not None:
             # The labels arrive later (extra_loss / init_pivots), which update the statistics.
             self._presence_cache[index] = (scores.detach().float(), valid.clone(), hw)
-        logits, calibrated = self._calibrated(scores, index)
+        logits, ready = self._calibrated(scores, index)
         logits = logits - self.presence_bias
-        valid = valid & calibrated
+        if ready is not None:
+            valid = valid & ready
         log_rho = F.logsigmoid(logits) * valid.to(logits.dtype)  # (B, K)
         log_rho = torch.cat([log_rho, log_rho.new_zeros(log_rho.shape[0], 1)], dim=1)
         columns = self.token_class % (self.num_classes + 1)  # -1 -> the zero column

@@ -226,6 +226,22 @@ def find_run_config(checkpoint: Path) -> RunConfig | None:
     return None
 
 
+def eval_config_for(
+    run_cfg: RunConfig | None, mode=None, crop=None, stride=None, batch_size=None
+) -> EvalConfig:
+    """The run's ``eval`` section (defaults without a run config) with the given overrides."""
+    eval_cfg = EvalConfig(**vars(run_cfg.eval)) if run_cfg is not None else EvalConfig()
+    if mode is not None:
+        eval_cfg.mode = mode
+    if crop is not None:
+        eval_cfg.crop = as_pair(crop)
+    if stride is not None:
+        eval_cfg.stride = as_pair(stride)
+    if batch_size is not None:
+        eval_cfg.batch_size = batch_size
+    return eval_cfg
+
+
 def resolve_model_folder(path: str | Path) -> Path:
     """A folder holding ``segmenter.json``: the path itself or a run's ``checkpoints/last``."""
     path = Path(path)
@@ -289,15 +305,7 @@ def evaluate(
                 f"{checkpoint_or_run}: no targets to evaluate; pass --data NAME=PATH:FORMAT:SPLIT"
             )
         specs = list(run_cfg.data.targets)
-    eval_cfg = EvalConfig(**vars(run_cfg.eval)) if run_cfg is not None else EvalConfig()
-    if mode is not None:
-        eval_cfg.mode = mode
-    if crop is not None:
-        eval_cfg.crop = as_pair(crop)
-    if stride is not None:
-        eval_cfg.stride = as_pair(stride)
-    if batch_size is not None:
-        eval_cfg.batch_size = batch_size
+    eval_cfg = eval_config_for(run_cfg, mode, crop, stride, batch_size)
     if resize_short is None and run_cfg is not None:
         resize_short = run_cfg.data.eval_resize_short
     if mixed_precision is None:

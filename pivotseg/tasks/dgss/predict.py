@@ -11,10 +11,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pivotseg.config import EvalConfig
 from pivotseg.errors import ConfigError, DataError
 from pivotseg.tasks.dgss.evaluate import (
-    as_pair,
+    eval_config_for,
     find_run_config,
     infer_logits,
     resolve_model_folder,
@@ -96,13 +95,7 @@ def predict(
         raise DataError(f"{images_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     folder = resolve_model_folder(checkpoint)
     run_cfg = find_run_config(folder)
-    eval_cfg = EvalConfig(**vars(run_cfg.eval)) if run_cfg is not None else EvalConfig()
-    if mode is not None:
-        eval_cfg.mode = mode
-    if crop is not None:
-        eval_cfg.crop = as_pair(crop)
-    if stride is not None:
-        eval_cfg.stride = as_pair(stride)
+    eval_cfg = eval_config_for(run_cfg, mode, crop, stride)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_segmenter(folder, backbone_source=backbone_source).to(device).eval()
     palette = palette_for(model.config.class_names, model.config.num_classes)
