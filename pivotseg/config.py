@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pivotseg.backbones.hub import refuse_unsafe_options
 from pivotseg.errors import ConfigError
 from pivotseg.paths import REPO_ROOT
 from pivotseg.segmenter import SegmenterConfig
@@ -48,6 +49,11 @@ class DatasetSpec:
         resize_short: evaluation only: resize the short image side to this (overrides
             ``data.eval_resize_short``), e.g. 512 for Cityscapes at 1024x512 as Rein does.
         options: the format's own options (cityscapes ``label_kind``, folder ``mapping``...).
+        corruptions: evaluation only: read the dataset under these adverse conditions
+            (``NAME:SEVERITY``, e.g. ``fog:3``), each frame getting one of them, as
+            ``pivotseg data corrupt --mix`` writes it; the copy is made once and cached
+            (:func:`pivotseg.data.from_spec.spec_root`).
+        corruption_seed: the seed of those corruptions (per frame, and their assignment).
     """
 
     path: str
@@ -57,6 +63,8 @@ class DatasetSpec:
     name: str | None = None
     resize_short: int | None = None
     options: dict = field(default_factory=dict)
+    corruptions: list[str] = field(default_factory=list)
+    corruption_seed: int = 0
 
     @property
     def label(self) -> str:
@@ -86,6 +94,32 @@ class DatasetSpec:
 
 
 @dataclass
+class RareClassSamplingConfig:
+    """DAFormer's rare-class sampling (:mod:`pivotseg.data.rare_classes`).
+
+    Attributes:
+        temperature: ``T`` in ``P(c) ~ exp((1 - f_c) / T)``, ``f_c`` the class's pixel share in
+            the source set; DAFormer's 0.01 nearly ignores frequent classes, larger is flatter.
+        min_pixels: an image is drawn for a class when it holds more than this many of its
+            pixels (at label resolution; DAFormer's 3000 is for 1914x1052 GTA5 labels).
+    """
+
+    temperature: float = 0.01
+    min_pixels: int = 3000
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ConfigError(
+                f"data.rare_class_sampling.temperature={self.temperature}: must be above 0 "
+                "(DAFormer uses 0.01)"
+            )
+        if self.min_pixels < 0:
+            raise ConfigError(
+                f"data.rare_class_sampling.min_pixels={self.min_pixels}: must be at least 0"
+            )
+
+
+@dataclass
 class DataConfig:
     """Datasets and augmentation.
 
@@ -104,6 +138,8 @@ class DataConfig:
         photometric: mmseg's PhotoMetricDistortion.
         eval_resize_short: resize evaluation images' short side to this (``None`` = as is).
         num_workers: DataLoader processes per training process.
+        rare_class_sampling: draw each training sample from a class (rare ones more often),
+            then an image and a crop holding it (``None`` = epochs of shuffled images).
     """
 
     source: DatasetSpec | None = None
@@ -117,12 +153,24 @@ class DataConfig:
     photometric: bool = True
     eval_resize_short: int | None = None
     num_workers: int = 2
+    rare_class_sampling: RareClassSamplingConfig | None = None
 
     def __post_init__(self):
         if isinstance(self.crop_size, int):
             self.crop_size = [self.crop_size, self.crop_size]
         if len(self.crop_size) != 2:
             raise ConfigError(f"data.crop_size={self.crop_size}: give [h, w] or one number")
+        for i, side in enumerate(self.crop_size):
+            _at_least(f"data.crop_size.{i}", side, 1)
+        for i, scale in enumerate(self.scales or []):
+            _at_least(f"data.scales.{i}", scale, 1)
+        _at_least("data.max_size", self.max_size, 1)
+        _at_least("data.eval_resize_short", self.eval_resize_short, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
+        if not 0 < self.cat_max_ratio <= 1:
+            raise ConfigError(
+                f"data.cat_max_ratio={self.cat_max_ratio}: must be in (0, 1] (1 = no limit)"
+            )
 
 
 @dataclass
@@ -174,8 +222,20 @@ class TrainConfig:
                 f"train.warmup_iters={self.warmup_iters}: must be below train.iterations="
                 f"{self.iterations}"
             )
-        if self.momentum < 0:
-            raise ConfigError(f"train.momentum={self.momentum}: must be at least 0")
+        _at_least("train.per_device_batch_size", self.per_device_batch_size, 1)
+        _above("train.lr", self.lr, 0)
+        _at_least("train.weight_decay", self.weight_decay, 0)
+        _fraction("train.momentum", self.momentum)
+        for i, beta in enumerate(self.betas):
+            _fraction(f"train.betas.{i}", beta)
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError(f"train.warmup_ratio={self.warmup_ratio}: must be in [0, 1]")
+        _at_least("train.poly_power", self.poly_power, 0)
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"train.min_lr={self.min_lr}: must be in [0, train.lr={self.lr}]")
+        _above("train.grad_clip", self.grad_clip, 0)
+        for key in ("eval_every", "checkpoint_every"):
+            _at_least(f"train.{key}", getattr(self, key), 0)
 
 
 @dataclass
@@ -198,6 +258,9 @@ class EvalConfig:
             value = getattr(self, key)
             if isinstance(value, int):
                 setattr(self, key, [value, value])
+            for i, side in enumerate(getattr(self, key)):
+                _at_least(f"eval.{key}.{i}", side, 1)
+        _at_least("eval.batch_size", self.batch_size, 1)
 
 
 @dataclass
@@ -211,6 +274,28 @@ class RunConfig:
     seed: int = 0
     run_dir: str | None = None
     deterministic: bool = False
+
+    def __post_init__(self):
+        # Every process seeds NumPy with seed + rank, which must stay in [0, 2**32).
+        if not 0 <= self.seed < 2**31:
+            raise ConfigError(f"seed={self.seed}: must be in [0, 2**31)")
+        refuse_unsafe_options(self.model.backbone_config, "model.backbone_config")
+
+
+def _at_least(key: str, value, low) -> None:
+    """ConfigError unless ``value`` is ``None`` or at least ``low`` (NaN fails)."""
+    if value is not None and not value >= low:
+        raise ConfigError(f"{key}={value}: must be at least {low}")
+
+
+def _above(key: str, value, low) -> None:
+    if value is not None and not value > low:
+        raise ConfigError(f"{key}={value}: must be above {low}")
+
+
+def _fraction(key: str, value) -> None:
+    if not 0 <= value < 1:
+        raise ConfigError(f"{key}={value}: must be in [0, 1)")
 
 
 # ----- loading ---------------------------------------------------------------------------------
@@ -494,6 +579,7 @@ __all__ = [
     "DataConfig",
     "DatasetSpec",
     "EvalConfig",
+    "RareClassSamplingConfig",
     "RunConfig",
     "SegmenterConfig",
     "TrainConfig",

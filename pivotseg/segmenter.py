@@ -12,10 +12,13 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -246,9 +249,10 @@ class Segmenter(nn.Module):
         """Load a ``model.safetensors`` (or a tensor dict) written by :meth:`save`, strictly.
 
         Raises:
-            CheckpointError: keys missing, unexpected or of another shape (the first few named).
+            CheckpointError: keys missing, unexpected or of another shape (the first few named);
+                a file that is missing, truncated or holds NaN/infinite values.
         """
-        from safetensors.torch import load_file
+        from pivotseg.engine.checkpoint import check_finite, read_tensors
 
         if isinstance(source, dict):
             state, where = source, "checkpoint"
@@ -256,9 +260,8 @@ class Segmenter(nn.Module):
             path = Path(source)
             if path.is_dir():
                 path = path / WEIGHTS_FILE
-            if not path.exists():
-                raise CheckpointError(f"{path}: missing; pass a folder written by Segmenter.save")
-            state, where = load_file(str(path)), str(path)
+            state, where = read_tensors(path), str(path)
+            check_finite(state, path)
         own = self._checkpoint_state()
         optional = set() if self.config.backbone_source is None else _backbone_keys(self)
         mismatch = state_mismatch(own, state, optional)
@@ -298,8 +301,34 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_segmenter(cfg: SegmenterConfig | dict, backbone: Backbone | None = None) -> Segmenter:
+def component_seed(seed: int, component: str) -> int:
+    """The seed of one part's random stream (``"backbone"``, ``"method"``, ``"head"``)."""
+    # crc32, not hash(): Python salts str hashes per process.
+    entropy = [seed % 2**64, zlib.crc32(component.encode())]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+
+
+@contextmanager
+def _stream(seed: int, component: str):
+    """Run a part's construction on its own stream; the global CPU generator is left as it was.
+
+    Only the CPU generator, which initialises modules built on the CPU: ``torch.manual_seed``
+    would also (lazily) reseed CUDA, beyond what ``fork_rng(devices=[])`` restores.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(component_seed(seed, component))
+        yield
+
+
+def build_segmenter(
+    cfg: SegmenterConfig | dict, backbone: Backbone | None = None, *, seed: int | None = None
+) -> Segmenter:
     """Backbone (from ``cfg.backbone_source`` or random) + tuning method + head.
+
+    Each of the three is initialised from its own random stream derived from ``seed``
+    (:func:`component_seed`), so for one seed the head starts from the same weights whatever
+    the tuning method and its arguments, and a random backbone is the same too: rows of a
+    benchmark that differ only in the method are paired comparisons.
 
     Query linkage is wired here: a method with queries (``num_queries > 0``) and a head that
     accepts them give ``external_queries=True`` to the head, and the method's ``query_dim``
@@ -310,19 +339,26 @@ def build_segmenter(cfg: SegmenterConfig | dict, backbone: Backbone | None = Non
     Args:
         cfg: the config (or its dict form).
         backbone: an already built backbone to use instead of building one from ``cfg``.
+        seed: the seed of the three streams (training passes the run's seed); ``None`` draws
+            it from the global torch generator, so ``torch.manual_seed`` still reproduces a
+            build. An explicit seed leaves the global generator untouched.
     """
     from pivotseg.tuning import METHODS, build_method
 
     if isinstance(cfg, dict):
         cfg = SegmenterConfig.from_dict(cfg)
+    if seed is None:
+        # On the CPU generator even under a meta/cuda default device (torch.device(...) blocks).
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))
     if backbone is None:
-        backbone = build_backbone(
-            cfg.backbone,
-            cfg.backbone_source,
-            config=dict(cfg.backbone_config),
-            out_indices=cfg.out_indices,
-            **cfg.backbone_kwargs,
-        )
+        with _stream(seed, "backbone"):
+            backbone = build_backbone(
+                cfg.backbone,
+                cfg.backbone_source,
+                config=dict(cfg.backbone_config),
+                out_indices=cfg.out_indices,
+                **cfg.backbone_kwargs,
+            )
     method_args = dict(cfg.method_args)
     if cfg.method in METHODS:
         accepted = inspect.signature(METHODS[cfg.method].__init__).parameters
@@ -335,14 +371,16 @@ def build_segmenter(cfg: SegmenterConfig | dict, backbone: Backbone | None = Non
         if not head_cls.accepts_queries and "link_queries" in accepted:
             # Query-link layers would never receive gradients with a head that takes none.
             method_args.setdefault("link_queries", False)
-    tuning = build_method(cfg.method, backbone, cfg.num_classes, **method_args)
+    with _stream(seed, "method"):
+        tuning = build_method(cfg.method, backbone, cfg.num_classes, **method_args)
     head_args = dict(cfg.head_args)
     if getattr(tuning, "num_queries", 0) and HEADS[cfg.head].accepts_queries:
         # Rein's query linkage: the method's queries replace the head's learnt ones.
         head_args.setdefault("external_queries", True)
-    head = build_head(
-        cfg.head, backbone.out_dims, backbone.out_strides, cfg.num_classes, **head_args
-    )
+    with _stream(seed, "head"):
+        head = build_head(
+            cfg.head, backbone.out_dims, backbone.out_strides, cfg.num_classes, **head_args
+        )
     return Segmenter(cfg, backbone, tuning, head)
 
 
@@ -363,7 +401,14 @@ def load_segmenter(folder: str | Path, backbone_source: str | Path | None = None
         raise CheckpointError(
             f"{folder}: no {CONFIG_FILE}; pass a folder written by Segmenter.save"
         )
-    data = json.loads(config_path.read_text())
+    from pivotseg.backbones.hub import refuse_unsafe_options
+    from pivotseg.engine.checkpoint import read_json
+
+    data = read_json(config_path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config_path}: not a segmenter config (a JSON object)")
+    # A shared run folder is untrusted input: refuse loader options before building anything.
+    refuse_unsafe_options(data.get("backbone_config") or {}, f"{config_path}: backbone_config")
     if backbone_source is not None:
         data["backbone_source"] = str(backbone_source)
     cfg = SegmenterConfig.from_dict(data, where=str(config_path))

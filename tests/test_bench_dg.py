@@ -40,6 +40,58 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert "| rein | 42.0 | – |" in table
 
 
+def _sized(method, seed, big, tiny, val=50.0):
+    return RunResult(
+        method=method,
+        seed=seed,
+        run_dir="x",
+        val_miou=val,
+        targets={"big": big, "tiny": tiny, "lost": 70.0},
+        mean_miou=float("nan"),  # the evaluation's mean of all targets is not the headline
+        per_class={"big": [big], "tiny": [tiny], "lost": [70.0]},
+        trainable=1000,
+        sec_per_iter=0.5,
+        peak_memory_mb=100.0,
+    )
+
+
+def test_headline_mean_covers_only_targets_of_100_frames_or_more():
+    # "tiny" (1 frame) swings wildly and "lost" has no known count: neither enters the mean.
+    runs = [
+        _sized("dpft", 0, 40.0, 99.0, val=41.0),
+        _sized("dpft", 1, 43.0, 0.0, val=42.0),
+        _sized("dpft", 2, 41.0, 50.0, val=40.0),
+        _sized("rein", 0, 39.0, 10.0, val=40.0),
+        _sized("rein", 1, 40.0, 10.0, val=40.0),
+        _sized("rein", 2, 41.0, 10.0, val=40.0),
+    ]
+    s = summarise(runs, frames={"big": 171, "tiny": 1})
+    assert s["dpft"]["per_seed_mean"] == [40.0, 43.0, 41.0]
+    assert s["dpft"]["headline_targets"] == ["big"]
+    assert s["dpft"]["smoke_targets"] == ["tiny", "lost"]
+    table = format_tables(s, {})
+    header = table.splitlines()[0]
+    assert "| big (171 frames) | tiny (1 frame, smoke check) |" in header
+    assert "| lost (frames unknown, smoke check) | mean of targets ≥ 100 frames |" in header
+    assert "Smoke checks, outside the mean of targets (under 100 frames): tiny (1 frame)" in table
+    # DPFT against rein, seed by seed: diffs 1, 3, 0 -> mean 1.33, sd 1.528, t(0.975, 2) 4.303,
+    # half-width 4.303 * 1.528 / sqrt 3 = 3.79: the interval [-2.5, +5.1] contains 0.
+    assert (
+        "| dpft − rein | mean of targets ≥ 100 frames | 0: +1.0, 1: +3.0, 2: +0.0 | +1.3 | "
+        "[-2.5, +5.1] | the interval contains 0: no reliable difference |"
+    ) in table
+    # source val: diffs 1, 2, 0 -> mean 1, sd 1, half 4.303 / sqrt 3 = 2.48.
+    assert "| dpft − rein | source val | 0: +1.0, 1: +2.0, 2: +0.0 | +1.0 | [-1.5, +3.5] |" in table
+
+
+def test_no_target_large_enough_means_no_headline_and_says_so():
+    s = summarise([_sized("rein", 0, 40.0, 50.0)], frames={"big": 20, "tiny": 1})
+    assert s["rein"]["headline_targets"] == [] and math.isnan(s["rein"]["mean"][0])
+    table = format_tables(s, {})
+    assert "No target has 100 frames or more, so there is no headline mean" in table
+    assert "Paired differences" not in table  # no dpft row: nothing to pair
+
+
 def test_bench_dg_runs_methods_and_seeds_and_reuses_finished_runs(tmp_path, capsys):
     data = tmp_path / "data"
     make_folder_dataset(data / "src", {"train": 4, "val": 2})
@@ -65,7 +117,11 @@ def test_bench_dg_runs_methods_and_seeds_and_reuses_finished_runs(tmp_path, caps
     summary = results["summary"]
     assert summary["rein"]["trainable"] > summary["frozen"]["trainable"]
     assert set(summary["frozen"]["targets"]) == {"tgt"}
-    assert "| frozen |" in (out / "table.md").read_text()
+    # Frames are counted from the target's dataset: 3 frames make it a smoke check.
+    assert summary["frozen"]["frames"] == {"tgt": 3}
+    assert summary["frozen"]["smoke_targets"] == ["tgt"]
+    table = (out / "table.md").read_text()
+    assert "| frozen |" in table and "tgt (3 frames, smoke check)" in table
     assert (out / "chart.png").stat().st_size > 0
     # Seeds differ; the same seed of another invocation is the finished run, not a new one.
     stamp = (out / "rein" / "seed1" / "bench.json").stat().st_mtime

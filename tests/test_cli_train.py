@@ -63,7 +63,7 @@ def test_stop_signal_exits_130_with_the_resume_command(trained, capsys, monkeypa
 
     _, config, _ = trained
 
-    def stopped(cfg, resume=None, stop_at=None):
+    def stopped(cfg, resume=None, stop_at=None, **options):
         raise TrainingStopped("stopped at iteration 2 of 4; saved X; resume with: pivotseg ...")
 
     monkeypatch.setattr(dgss, "train", stopped)

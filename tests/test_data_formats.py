@@ -85,7 +85,7 @@ def labels_of(ds) -> list[np.ndarray]:
 def test_formats_are_the_agreed_names():
     assert set(FORMATS) == {
         "cityscapes", "gta5", "synthia", "bdd100k", "acdc", "mapillary_v1.2", "mapillary_v2.0",
-        "camvid", "carlascapes", "loveda", "potsdam", "vaihingen", "folder",
+        "camvid", "carlascapes", "idd_lite", "loveda", "potsdam", "vaihingen", "folder",
     }  # fmt: skip
 
 

@@ -130,8 +130,7 @@ FIXED_BATCH = [  # the same two whole images every step: no resize, crop, flip o
 def test_method_head_trains_what_it_claims(data_root, tmp_path, method, head):
     overrides = [o.format(fixed=data_root / "fixed") for o in FIXED_BATCH]
     cfg = make_config(data_root, tmp_path / "run", method, head, overrides)
-    torch.manual_seed(cfg.seed)  # train() builds the model under the same seed
-    initial = build_segmenter(cfg.model)
+    initial = build_segmenter(cfg.model, seed=cfg.seed)  # as train() builds it
     claimed = {n for n, _ in initial.tuning.trainable_parameters()}
     claimed |= {f"head.{n}" for n, p in initial.head.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in initial.named_parameters()}

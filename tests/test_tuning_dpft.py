@@ -44,16 +44,24 @@ def build(folder, **args):
 # ----- budget and layout --------------------------------------------------------------------
 
 
-def test_budget_dinov2_large_19_classes_on_meta():
+def dinov2_large_parts(**args) -> tuple[object, dict[str, int]]:
     with torch.device("meta"):
         backbone = build_dinov2(config={"variant": "large"})
-        dpft = build_method("dpft", backbone, 19)
+        dpft = build_method("dpft", backbone, 19, **args)
     parts: dict[str, int] = {}
     for name, p in dpft.trainable_parameters():
         part = name.split(".")[1]
         parts[part] = parts.get(part, 0) + p.numel()
+    return dpft, parts
+
+
+def test_budget_dinov2_large_19_classes_on_meta():
+    # Every block, as methods.md's table: its parts, plus the presence calibration (a scale and
+    # a bias per presence block and class: 1 block x 19 classes x 2 = 38), which replaces the
+    # table's implicit scalar b.
+    dpft, parts = dinov2_large_parts(blocks=list(range(24)))
     table = {  # methods.md section 2, "Budget"
-        "prompts": 431_616,
+        "prompts": 431_616,  # 24 x (100 x 16 + 16 x 1024)
         "U": 132_160,
         "W_q, W_k": 524_288,
         "shared MLPs": 2_099_200,
@@ -66,11 +74,23 @@ def test_budget_dinov2_large_19_classes_on_meta():
     assert parts["mlp_token2feat"] + parts["mlp_delta_f"] == table["shared MLPs"]
     assert parts["gamma"] == table["gamma"]
     assert parts["transform"] + parts["merge"] == table["query link"]
-    assert parts["presence_bias"] == 1  # b, which the table leaves out
-    assert sum(parts.values()) == sum(table.values()) + 1 == 3_646_553
+    assert parts["presence_scale"] == parts["presence_bias"] == 19
+    assert sum(parts.values()) == sum(table.values()) + 38 == 3_646_590
     assert dpft.num_tokens == 100 and dpft.num_queries == 100
     assert dpft.pivot_banks["1024"].pivots.shape == (19, 1024)
     assert dpft.pivot_layers == [5, 11, 17, 23]  # the backbone's default out_indices
+    assert dpft.presence_blocks == [23]
+
+
+def test_budget_dinov2_large_default_blocks_on_meta():
+    # Default: the deepest ceil(0.6 x 24) = 15 blocks (9-23). Per-block parts scale with 15:
+    # prompts 15 x (100 x 16 + 16 x 1024) = 269,760 and gamma 15; U 132,160, W_q/W_k 524,288,
+    # MLPs 2,099,200, query link 459,264 and presence 38 as above: 3,484,725 in all.
+    dpft, parts = dinov2_large_parts()
+    assert dpft.token_blocks == list(range(9, 24))
+    assert parts["tokens_a"] + parts["tokens_b"] == 269_760 and parts["gamma"] == 15
+    assert sum(parts.values()) == 3_484_725
+    assert dpft.pivot_layers == [11, 17, 23] and dpft.presence_blocks == [23]
 
 
 def test_token_layout():
@@ -85,10 +105,45 @@ def test_token_layout():
     assert plain.num_tokens == 100 and (plain.token_class == -1).all()
     with pytest.raises(ConfigError, match="presence_gating gates class tokens"):
         build_method("dpft", build_dinov2(config=dict(TINY_DINO)), 3, class_prompts=False)
-    with pytest.raises(ConfigError, match="presence_calibration calibrates the presence gate"):
-        build_method(
-            "dpft", build_dinov2(config=dict(TINY_DINO)), 3, **OFF, presence_calibration=True
-        )
+
+
+def test_blocks_and_presence_blocks_settings():
+    def dpft(**args):
+        return build_method("dpft", build_dinov2(config=dict(TINY_DINO)), K, **args)
+
+    default = dpft()  # 4 blocks: the deepest ceil(2.4) = 3, the gate in the last
+    assert default.token_blocks == [1, 2, 3] and default.presence_blocks == [3]
+    assert len(default.tokens_a) == 3 and default.gamma.shape == (3,)
+    assert default.presence_bias.shape == default.presence_scale.shape == (1, K)
+    assert default.presence_stats.shape == (1, K, 2)
+    chosen = dpft(blocks=[-1, 0, 3], presence_blocks=[-1])
+    assert chosen.token_blocks == [0, 3] and chosen.presence_blocks == [3]
+    assert dpft(presence_gating=False).presence_blocks == []
+    with pytest.raises(ConfigError, match="presence_blocks \\[1\\] must be among blocks"):
+        dpft(blocks=[2, 3], presence_blocks=[1])
+    assert dpft(blocks="all").token_blocks == [0, 1, 2, 3]
+    for bad in ([4], "some", [1.5]):
+        with pytest.raises(ConfigError, match="blocks .* must be a list of blocks in \\[-4, 3\\]"):
+            dpft(blocks=bad)
+    with pytest.raises(ConfigError, match="presence_blocks \\[\\] must be a list of blocks"):
+        dpft(presence_blocks=[])
+
+
+def test_only_the_chosen_blocks_are_refined(saved_backbone):
+    x = torch.randn(1, 3, 56, 56)
+    plain = build_dinov2(saved_backbone).eval()
+    outputs = {}
+    backbone, dpft = build(saved_backbone, blocks=[2, 3])
+    for i in range(4):  # registered after DPFT's hooks: each block's final output
+        backbone.add_block_hook(i, lambda t, hw, i=i: outputs.__setitem__(i, t) or t)
+        plain.add_block_hook(i, lambda t, hw, i=i: outputs.__setitem__(("plain", i), t) or t)
+    with torch.no_grad():
+        dpft.gamma.fill_(0.5)
+        backbone(x)
+        plain(x)
+    for i in (0, 1):
+        torch.testing.assert_close(outputs[i], outputs["plain", i])
+    assert (outputs[2] - outputs["plain", 2]).abs().max() > 1e-3
 
 
 # ----- reduction to Rein and the switches ---------------------------------------------------
@@ -97,7 +152,7 @@ def test_token_layout():
 def test_all_switches_off_computes_rein(saved_backbone):
     rein_bb = build_dinov2(saved_backbone).eval()
     rein = build_method("rein", rein_bb, K)
-    dpft_bb, dpft = build(saved_backbone, attn_dim=32, **OFF)
+    dpft_bb, dpft = build(saved_backbone, attn_dim=32, blocks=[0, 1, 2, 3], **OFF)
     assert dpft.num_tokens == rein.num_tokens
     with torch.no_grad():
         rein.scale.fill_(0.5)  # large enough that a wrong update would show
@@ -112,22 +167,31 @@ def test_all_switches_off_computes_rein(saved_backbone):
     assert dpft.extra_loss(stripes()) == {}
 
 
+def ready_calibration(dpft, present=2.0, absent=-2.0):
+    """Statistics that let the gate act on every class (present mean above absent)."""
+    dpft.presence_stats[..., 0] = present
+    dpft.presence_stats[..., 1] = absent
+    dpft.presence_seen.fill_(True)
+
+
 def test_each_switch_changes_behaviour(saved_backbone):
     x = torch.randn(2, 3, 56, 56)
     labels = stripes()
-    ref_bb, ref = build(saved_backbone)
+    ref_bb, ref = build(saved_backbone, presence_blocks=[1, 2, 3])
     ref.eval()
     with torch.no_grad():
         ref.gamma.fill_(0.5)
         for p in ref.context.parameters():
             torch.nn.init.normal_(p, std=0.5)
+        ref.presence_bias.fill_(-2.0)  # rho ~ 0.1: the gate suppresses what it acts on
+    ready_calibration(ref)
     ref_bb(x)
     ref.init_pivots(labels)
     assert ref.pivot_banks["32"].valid.all()
     ref_out = ref_bb(x)[-1]
 
     def variant(**switch):
-        bb, m = build(saved_backbone, **switch)
+        bb, m = build(saved_backbone, **{"presence_blocks": [1, 2, 3], **switch})
         m.load_state_dict(ref.state_dict(), strict=False)
         m.eval()
         return bb(x)[-1], m
@@ -139,41 +203,158 @@ def test_each_switch_changes_behaviour(saved_backbone):
     torch.testing.assert_close(same, ref_out)  # the loss switch leaves the forward alone
     ref.train()
     ref_bb(x)
-    assert set(ref.extra_loss(labels)) == {"loss_pivot"}
-    _, no_loss = variant(pivot_loss=False)
+    assert set(ref.extra_loss(labels)) == {"loss_pivot", "loss_presence"}
+    _, no_loss = variant(pivot_loss=False, presence_weight=0.0)
     no_loss.train()
+    no_loss.backbone(x)
     assert no_loss.extra_loss(labels) == {}
     # class_prompts: with the optional penalty on, the class layout adds a loss of its own.
     _, ortho = variant(ortho_weight=1e-3)
     assert set(ortho.extra_loss(labels)) == {"loss_prompt_ortho"}
     _, flat = variant(ortho_weight=1e-3, class_prompts=False, presence_gating=False)
     assert flat.extra_loss(labels) == {}
+    # Switched off at run time (as bench/dpft_presence.py does), the gates act no more.
+    ref.eval()
+    ref.presence_gating = False
+    torch.testing.assert_close(ref_bb(x)[-1], variant(presence_gating=False)[0])
 
 
 # ----- presence ---------------------------------------------------------------------------
 
 
 def test_presence_is_a_log_mean_exp_of_cosines(saved_backbone):
-    _, dpft = build(saved_backbone)
+    _, dpft = build(saved_backbone, presence_calibration=False, presence_blocks=[2, 3])
     bank = dpft.pivot_banks["32"]
     e = torch.eye(32)
     bank.pivots.copy_(torch.stack([e[0], -e[0], e[1]]))
     bank.valid.copy_(torch.tensor([True, True, False]))
-    with torch.no_grad():
-        dpft.presence_bias.fill_(0.5)
+    with torch.no_grad():  # block 3 is the second presence block: row 1
+        dpft.presence_bias[1] = torch.tensor([0.5, -1.0, 0.0])
+        dpft.presence_scale[1] = torch.tensor([0.0, math.log(2.0), 0.0])
     f = torch.stack([3 * e[0], e[2]])[None]  # two patches: along class 0, orthogonal to all
-    logits, valid = dpft.class_presence_logits(f)
+    logits, gated = dpft.class_presence_logits(f, 3)
     tau = 0.07
-    expected = [
-        math.log((math.exp(1 / tau) + 1) / 2) - 0.5,
-        math.log((math.exp(-1 / tau) + 1) / 2) - 0.5,
+    expected = [  # exp(scale) * log-mean-exp(cos / tau) + bias
+        math.log((math.exp(1 / tau) + 1) / 2) + 0.5,
+        2 * math.log((math.exp(-1 / tau) + 1) / 2) - 1.0,
     ]
     torch.testing.assert_close(logits[0, :2], torch.tensor(expected))
-    log_rho = dpft.token_log_presence(f)[0]
+    assert gated.tolist() == [True, True, False]  # class 2 has no pivot yet: rho = 1
+    log_rho = dpft.token_log_presence(f, 3)[0]
     assert log_rho[0] == 0 and (log_rho[13:] == 0).all()  # null and generic tokens
     torch.testing.assert_close(log_rho[1:5], F.logsigmoid(torch.tensor(expected[0])).expand(4))
     torch.testing.assert_close(log_rho[5:9], F.logsigmoid(torch.tensor(expected[1])).expand(4))
-    assert (log_rho[9:13] == 0).all()  # class 2 has no pivot yet: rho = 1
+    assert (log_rho[9:13] == 0).all()
+
+
+def two_patch_images():
+    """Two 14x28 images (a 1x2 token grid at stride 14): image 0 shows classes 0 and 1, image 1
+    class 0 only."""
+    return torch.stack(
+        [torch.tensor([0] * 14 + [1] * 14).expand(14, 28), torch.zeros(14, 28, dtype=torch.long)]
+    )
+
+
+def test_presence_bce_and_its_gradients_by_hand(saved_backbone):
+    _, dpft = build(
+        saved_backbone, presence_calibration=False, presence_weight=0.5, presence_blocks=[2, 3]
+    )
+    bank = dpft.pivot_banks["32"]
+    e = torch.eye(32)
+    bank.pivots.copy_(torch.stack([e[0], e[1], e[2]]))
+    bank.valid.copy_(torch.tensor([True, True, False]))  # class 2 is not gated: no BCE term
+    with torch.no_grad():
+        dpft.presence_bias.copy_(torch.tensor([[-13.0, -9.0, 3.0], [-14.0, -8.0, 3.0]]))
+    r = 1 / math.sqrt(2)
+    f = torch.stack([torch.stack([e[0], r * (e[1] + e[2])]), torch.stack([e[0], e[0]])])
+    f.requires_grad_(True)
+    s = [[lme([1, 0]), lme([0, r])], [lme([1, 1]), lme([0, 0])]]  # image, class 0 / 1
+    present = [[1.0, 1.0], [1.0, 0.0]]
+    dpft.train()
+    for index in (2, 3):
+        dpft.token_log_presence(f, index, hw=(1, 2))
+    loss = dpft.extra_loss(two_patch_images())["loss_presence"]
+
+    def bce(x, y):
+        return -(y * math.log(sigmoid(x)) + (1 - y) * math.log(1 - sigmoid(x)))
+
+    bias = [[-13.0, -9.0], [-14.0, -8.0]]  # block, class: logits of a few units
+    per_block = [
+        sum(bce(s[i][k] + bias[b][k], present[i][k]) for i in range(2) for k in range(2)) / 4
+        for b in range(2)
+    ]
+    assert math.isclose(loss.item(), 0.5 * sum(per_block) / 2, rel_tol=1e-5)
+    loss.backward()
+    # d loss / d bias_{b,k} = 0.5 / 2 blocks / 4 terms * sum_i (sigmoid(x) - y)
+    for b in range(2):
+        for k in range(2):
+            expected = sum(sigmoid(s[i][k] + bias[b][k]) - present[i][k] for i in range(2)) / 16
+            assert math.isclose(dpft.presence_bias.grad[b, k].item(), expected, rel_tol=1e-4)
+    assert (dpft.presence_bias.grad[:, 2] == 0).all()  # not gated
+    assert dpft.presence_scale.grad[:, :2].abs().min() > 0
+    assert f.grad is None  # the BCE trains the calibration, not the features
+    # Evaluation (and SPL mode, which calls extra_loss in eval mode) adds no presence term.
+    dpft.eval()
+    dpft.token_log_presence(f, 2, hw=(1, 2))
+    assert "loss_presence" not in dpft.extra_loss(two_patch_images())
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def trained_gate(folder, steps, **args) -> dict[int, tuple[torch.Tensor, bool]]:
+    """Train DPFT's presence gate (its BCE; Adam at 1e-3 times the method's multiplier) on four
+    images that share a bright background, two of them with class 1 as a brighter half; then
+    the presence block -> (rho of class 1 in each image, whether the gate acts on class 1)."""
+    torch.manual_seed(0)
+    backbone, dpft = build(folder, **args)
+    x = torch.randn(4, 3, 56, 56) * 0.3 + 1.0
+    labels = torch.zeros(4, 56, 56, dtype=torch.long)
+    x[:2, :, :, 28:] += 0.5
+    labels[:2, :, 28:] = 1
+    multiplier = dict((rule, o["lr_mult"]) for rule, o in dpft.param_group_rules())
+    presence = [dpft.presence_scale, dpft.presence_bias]
+    opt = torch.optim.Adam(presence, lr=1e-3 * multiplier["tuning.presence_"])
+    dpft.train()
+    for _ in range(steps):
+        backbone(x)
+        loss = dpft.extra_loss(labels).get("loss_presence")
+        if loss is not None and loss.requires_grad:
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    dpft.eval()
+    rho = {}
+    presence_of = dpft._presence
+
+    def record(f, index):
+        out = presence_of(f, index)
+        rho[index] = (torch.sigmoid(out[2][:, 1]), bool(out[3][1]))
+        return out
+
+    dpft._presence = record
+    with torch.no_grad():
+        backbone(x)
+    return rho
+
+
+def test_rho_learns_to_separate_present_from_absent_classes(tmp_path):
+    torch.manual_seed(0)
+    build_dinov2(config=dict(TINY_DINO)).save_pretrained(tmp_path / "bb")
+    saved_backbone = tmp_path / "bb"
+    (rho, gated), *_ = trained_gate(saved_backbone, steps=64).values()
+    assert gated  # seen present and absent: the gate acts on class 1
+    assert rho[:2].min() >= 0.8 and rho[2:].max() <= 0.2, rho
+    # The BCE sharpens what the statistics start from (without it nothing trains, so a few
+    # steps show where they end); the bare score, BCE or not, leaves every image at rho ~ 1.
+    (start, _), *_ = trained_gate(saved_backbone, steps=4, presence_weight=0.0).values()
+    assert rho[:2].min() > start[:2].min() + 0.05 and rho[2:].max() < start[2:].max() - 0.05
+    for weight in (0.0, 0.1):
+        (bare, _), *_ = trained_gate(
+            saved_backbone, steps=16, presence_calibration=False, presence_weight=weight
+        ).values()
+        assert bare[2:].min() > 0.9
 
 
 # ----- pivots -----------------------------------------------------------------------------
@@ -312,7 +493,7 @@ def test_pivot_loss_uses_class_pooled_outputs_of_the_chosen_layers(saved_backbon
 
 def test_dpft_on_a_hierarchical_backbone():
     backbone = tiny_tinyvit()
-    dpft = build_method("dpft", backbone, K)
+    dpft = build_method("dpft", backbone, K, blocks=[0, 1, 2, 3])
     dims = backbone.block_dims  # [16, 24, 24, 32]
     assert dpft.pivot_blocks == {16: 0, 24: 2, 32: 3}
     assert {k: b.pivots.shape[1] for k, b in dpft.pivot_banks.items()} == {
@@ -344,16 +525,12 @@ def lme(cosines, tau=0.07):
 
 
 def test_presence_calibration_statistics_and_logits_by_hand(saved_backbone):
-    _, dpft = build(saved_backbone, presence_calibration=True, presence_momentum=0.9)
+    _, dpft = build(saved_backbone, presence_momentum=0.9, presence_blocks=[2, 3])
     bank = dpft.pivot_banks["32"]
     e = torch.eye(32)
     bank.pivots.copy_(torch.stack([e[0], e[1], e[2]]))
     bank.valid.fill_(True)
-    # Two images of two patches (a 1x2 grid at stride 14): image 0 shows classes 0 and 1,
-    # image 1 shows class 0 only.
-    labels = torch.stack(
-        [torch.tensor([0] * 14 + [1] * 14).expand(14, 28), torch.zeros(14, 28, dtype=torch.long)]
-    )
+    labels = two_patch_images()
     r = 1 / math.sqrt(2)
     f = torch.stack([torch.stack([e[0], r * (e[1] + e[2])]), torch.stack([e[0], e[0]])])
     s0 = [lme([1, 0]), lme([0, r]), lme([0, r])]  # image 0: classes 0, 1, 2
@@ -361,10 +538,10 @@ def test_presence_calibration_statistics_and_logits_by_hand(saved_backbone):
     dpft.train()
     dpft.token_log_presence(f, index=2, hw=(1, 2))
     dpft.extra_loss(labels)
-    stats, seen = dpft.presence_stats[2], dpft.presence_seen[2]
+    stats, seen = dpft.presence_stats[0], dpft.presence_seen[0]  # block 2: the first row
     # class 0: present in both images; class 1: present in 0, absent in 1; class 2: absent.
     assert seen.tolist() == [[True, False], [True, True], [False, True]]
-    assert not dpft.presence_seen[[0, 1, 3]].any()
+    assert not dpft.presence_seen[1].any()
     torch.testing.assert_close(stats[0, 0], torch.tensor((s0[0] + s1[0]) / 2))
     torch.testing.assert_close(stats[1], torch.tensor([s0[1], s1[1]]))
     torch.testing.assert_close(stats[2, 1], torch.tensor((s0[2] + s1[2]) / 2))
@@ -379,14 +556,11 @@ def test_presence_calibration_statistics_and_logits_by_hand(saved_backbone):
     assert (log_rho[:, 1:5] == 0).all() and (log_rho[:, 9:13] == 0).all()
     torch.testing.assert_close(log_rho[:, 5:9], F.logsigmoid(logits[:, 1:2]).expand(2, 4))
     assert log_rho[0, 5] > math.log(0.8) and log_rho[1, 5] < math.log(0.2)  # present / absent
-    # A block without statistics keeps the bare score - b and gates nothing; without a block
-    # (calibration unknown) every class with a pivot is gated.
-    plain, gated = dpft.class_presence_logits(f, 1)
-    torch.testing.assert_close(plain[0], torch.tensor(s0))
-    assert not gated.any() and dpft.class_presence_logits(f)[1].all()
+    # A block without statistics gates nothing.
+    assert not dpft.class_presence_logits(f, 3)[1].any()
     dpft.eval()
     dpft.extra_loss(labels)  # clears what the calls above cached, without updating
-    torch.testing.assert_close(dpft.presence_stats[2], stats)
+    torch.testing.assert_close(dpft.presence_stats[0], stats)
     # A second training batch moves the statistics by EMA (momentum 0.9) where it measures them.
     dpft.train()
     g = torch.stack([e[0], e[0]])[None].expand(2, 2, 32)
@@ -427,10 +601,11 @@ def test_warm_up_sets_pivots_then_a_running_mean_of_calibration(saved_backbone):
     class_1 = torch.cat([grids[0, :, 2], grids[1:, :, 2:].reshape(-1, 32)])  # cols 2(-3)
     torch.testing.assert_close(bank.pivots[1], class_1.mean(0))
     torch.testing.assert_close(bank.pivots[2], grids[0, :, 3].mean(0))  # batch 1 only
-    # Calibration: a running mean over batches 2 and 3 (classes 0, 1 present, 2 absent).
-    for i in range(4):
+    # Calibration of the presence blocks 2 and 3: a running mean over batches 2 and 3
+    # (classes 0, 1 present, 2 absent).
+    for slot, i in enumerate(dpft.presence_blocks):
         both = torch.stack(scores[i]).mean(0)
-        stats, measured = dpft.presence_stats[i], dpft.presence_seen[i]
+        stats, measured = dpft.presence_stats[slot], dpft.presence_seen[slot]
         assert measured.tolist() == [[True, False], [True, False], [False, True]]
         torch.testing.assert_close(stats[:2, 0], both[:2])
         torch.testing.assert_close(stats[2, 1], both[2])

@@ -9,6 +9,7 @@ transformers folder) or a checkpoint file; ``None`` builds random weights from `
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ BACKBONES: dict[str, str] = {
     "clip_resnet": "pivotseg.backbones.clip_resnet:build_clip_resnet",
     "tinyvit": "pivotseg.backbones.tinyvit:build_tinyvit",
 }
+
+BUILDER_ARGS = ("source", "config", "out_indices")
 
 
 def build_backbone(
@@ -59,6 +62,12 @@ def build_backbone(
         raise ConfigError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}")
     module_name, fn_name = BACKBONES[name].split(":")
     builder = getattr(importlib.import_module(module_name), fn_name)
+    accepted = [p for p in inspect.signature(builder).parameters if p not in BUILDER_ARGS]
+    for key in kwargs:
+        if key not in accepted:
+            raise ConfigError(
+                f"backbone_kwargs: {name} takes no {key!r}; it takes {', '.join(accepted) or 'none'}"
+            )
     return builder(source=source, config=config, out_indices=out_indices, **kwargs)
 
 

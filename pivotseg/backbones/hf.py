@@ -24,6 +24,7 @@ from pivotseg.backbones.base import (
     read_saved_folder,
     tokens_to_map,
 )
+from pivotseg.backbones.hub import safe_from_pretrained, source_error
 from pivotseg.errors import CheckpointError, ConfigError
 
 
@@ -34,10 +35,7 @@ def source_model_type(source) -> str | None:
     try:
         raw, _ = PreTrainedConfig.get_config_dict(str(source))
     except (OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{source}: no readable transformers config.json ({type(err).__name__}); give a hub "
-            "id, a save_pretrained folder or a pivotseg backbone folder"
-        ) from err
+        raise source_error(source, err, "transformers config.json") from None
     return raw.get("model_type")
 
 
@@ -63,16 +61,19 @@ def from_pretrained_checked(
         layout: what was expected, for the message (e.g. ``"transformers CLIPModel"``).
         allow_unexpected: prefixes of checkpoint keys that may be left unused on purpose (e.g. the
             text tower when only the vision tower is loaded).
-        **kwargs: passed to ``from_pretrained``.
+        **kwargs: a config's ``backbone_config``: only what
+            :func:`pivotseg.backbones.hub.check_options` allows reaches ``from_pretrained``.
 
     Raises:
-        CheckpointError: naming the first few missing, unexpected or reshaped keys.
+        ConfigError: a refused or unknown option.
+        CheckpointError: naming the first few missing, unexpected or reshaped keys; or the
+            source holds pickled weights only.
     """
     # The source fixes the architecture; a preset name kept next to it in a config is redundant
     # (transformers would store it as a stray config attribute).
     kwargs.pop("variant", None)
-    model, info = model_class.from_pretrained(
-        str(source), output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+    model, info = safe_from_pretrained(
+        model_class, source, kwargs, output_loading_info=True, ignore_mismatched_sizes=True
     )
     missing = sorted(info.get("missing_keys") or [])
     unexpected = sorted(

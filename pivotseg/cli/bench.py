@@ -15,9 +15,13 @@ examples:
   pivotseg bench dg --methods rein dpft --seeds 0 1 2 --target night=/data/camvid_dusk:camvid:test
   pivotseg bench dg --config my_base.yaml train.iterations=1000
   pivotseg bench dg --methods frozen --row "famix=runs/famix_inputs/row_model.yaml"
+  pivotseg bench dg --quick                           # smoke run of the pipeline, a few minutes
 
 Targets are NAME=PATH[:FORMAT[:SPLIT[:DOMAIN]]]; classes are mapped to the source taxonomy where
-a mapping exists (CamVid <-> Cityscapes, see docs/datasets.md). Finished runs in --out are reused.
+a mapping exists (CamVid <-> Cityscapes, see docs/datasets.md). Runs found in --out are reused
+(finished) or resumed (interrupted) when their settings and pivotseg version match; runs made with
+other settings stop the benchmark before it trains, unless --rerun moves them aside to
+<run>.old-<k>. Nothing in --out is deleted.
 A --row file holds a model: section (backbone, method, head) that replaces the base config's
 model for that row; data, budget, seeds and targets stay the base's, and model.* overrides
 apply to the base rows only. --methods with no names runs the --row rows alone.
@@ -36,7 +40,12 @@ def register(subparsers) -> None:
     )
     dg.add_argument("overrides", nargs="*", metavar="key=value", help="base config overrides")
     dg.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base run config (YAML)")
-    dg.add_argument("--methods", nargs="*", default=None, help="tuning methods (default: all five)")
+    dg.add_argument(
+        "--methods",
+        nargs="*",
+        default=None,
+        help="tuning methods (default: frozen full lora rein dpft)",
+    )
     dg.add_argument(
         "--row",
         action="append",
@@ -44,7 +53,7 @@ def register(subparsers) -> None:
         metavar="LABEL=MODEL_YAML",
         help="an extra row with its own model: section (repeatable), after the methods",
     )
-    dg.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    dg.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2 (--quick: 0)")
     dg.add_argument(
         "--target",
         action="append",
@@ -52,13 +61,31 @@ def register(subparsers) -> None:
         metavar="NAME=PATH[:FORMAT[:SPLIT]]",
         help="an unseen target dataset (repeatable; default: the config's targets)",
     )
-    dg.add_argument("--out", type=Path, default=Path("runs/bench_dg"), help="results folder")
+    dg.add_argument(
+        "--out",
+        type=Path,
+        help="results folder (default: runs/bench_dg; --quick: runs/bench_dg_quick)",
+    )
+    dg.add_argument(
+        "--rerun",
+        action="store_true",
+        help="train again the runs in --out made with other settings or another pivotseg "
+        "version, moving each aside to <run>.old-<k> first (default: refuse)",
+    )
+    dg.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run of the pipeline: seed 0, 10 iterations, 4 evaluation frames per dataset; "
+        "numbers are not results",
+    )
     dg.set_defaults(func=run_dg)
 
 
 def run_dg(args: argparse.Namespace) -> int:
     from pivotseg.config import DatasetSpec
     from pivotseg.errors import ConfigError
+    from pivotseg.outputs import check_output_dir
+    from pivotseg.tasks.dgss import bench_runs
     from pivotseg.tasks.dgss.benchmark import (
         DEFAULT_METHODS,
         BenchPlan,
@@ -68,6 +95,9 @@ def run_dg(args: argparse.Namespace) -> int:
 
     if not args.config.is_file():
         raise ConfigError(f"{args.config}: no such config; pass --config BASE.yaml")
+    quick = args.quick
+    out = args.out or (bench_runs.QUICK_OUT if quick else Path("runs/bench_dg"))
+    check_output_dir(out, "--out")
     targets = [DatasetSpec.from_string(t) for t in args.target]
     for spec in targets:
         if not Path(spec.path).exists():
@@ -91,14 +121,18 @@ def run_dg(args: argparse.Namespace) -> int:
         config=args.config,
         methods=methods + list(models),
         models=models,
-        seeds=list(args.seeds),
+        seeds=list(args.seeds or (bench_runs.QUICK_SEEDS if quick else [0, 1, 2])),
         targets=targets,
-        out_dir=args.out,
-        overrides=list(args.overrides),
+        out_dir=out,
+        overrides=(bench_runs.QUICK_OVERRIDES if quick else []) + list(args.overrides),
+        eval_frames=bench_runs.QUICK_EVAL_FRAMES if quick else None,
+        rerun=args.rerun,
     )
     result = run_benchmark(plan)
+    if quick:
+        print("bench dg --quick: a smoke run of the pipeline; these numbers are not results")
     print(result["table"])
-    print(f"results: {args.out / 'results.json'}, table: {args.out / 'table.md'}", end="")
+    print(f"results: {out / 'results.json'}, table: {out / 'table.md'}", end="")
     print(
         f", chart: {result['chart']}" if result["chart"] else " (no chart: pip install matplotlib)"
     )

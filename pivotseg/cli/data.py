@@ -1,4 +1,4 @@
-"""``pivotseg data check|stats``: inspect a dataset folder before training on it."""
+"""``pivotseg data check|stats|corrupt``: inspect a dataset folder, or write adverse copies."""
 
 from __future__ import annotations
 
@@ -10,15 +10,18 @@ from pivotseg.data.formats import FORMATS
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("data", help="check a dataset folder or print its statistics")
+    parser = subparsers.add_parser(
+        "data", help="check a dataset folder, print its statistics or corrupt a copy"
+    )
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     sub.required = True
 
     check = sub.add_parser(
         "check",
         help="read every file and report all problems (exit 1 when there is one)",
-        description="Read every image and label; report unreadable files, unpaired files, "
-        "image/label size mismatches and label values outside the classes, all at once.",
+        description="Read every image and label; report unreadable files and folders, broken "
+        "links, unpaired files, image/label size mismatches, label values outside the classes "
+        "and 16-bit images too dark to read at 8 bits, all at once.",
     )
     _common(check)
     check.set_defaults(func=run_check)
@@ -26,6 +29,8 @@ def register(subparsers) -> None:
     stats = sub.add_parser("stats", help="print the class pixel frequencies")
     _common(stats)
     stats.set_defaults(func=run_stats)
+
+    _register_corrupt(sub)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +86,11 @@ def run_check(args: argparse.Namespace) -> int:
     print(_header(report))
     print("label pixels per class (share of labelled pixels):")
     print("\n".join(_histogram(report)))
+    if report.sixteen_bit_images:
+        print(
+            "note: 16-bit images, read as 8-bit (the high byte of each value): "
+            f"{report.sixteen_bit_images}"
+        )
     if report.ok:
         print("no problems found")
         return 0
@@ -103,4 +113,64 @@ def run_stats(args: argparse.Namespace) -> int:
             "for the list"
         )
         return 1
+    return 0
+
+
+def _register_corrupt(sub) -> None:
+    from pivotseg.data.corrupt import KNOWN
+
+    corrupt = sub.add_parser(
+        "corrupt",
+        help="write fog/night/rain/snow/blur/glare copies of a dataset (adverse targets)",
+        description="Write copies of a dataset folder with weather and lighting corruptions "
+        "at fixed severities (albumentations), labels copied; the copy reads with the same "
+        "--format. One sub-folder per corruption (OUT/fog3/...), or one mixed copy with --mix. "
+        "Parameters: docs/datasets.md, 'Adverse conditions'.",
+    )
+    corrupt.add_argument("path", help="the source dataset folder (never written to)")
+    corrupt.add_argument(
+        "--format", required=True, metavar="F", help="one of: " + ", ".join(FORMATS)
+    )
+    corrupt.add_argument("--out", required=True, help="the output folder (new, empty or resumed)")
+    corrupt.add_argument(
+        "--corruption",
+        action="append",
+        required=True,
+        metavar="NAME:SEVERITY",
+        help=f"repeatable; NAME one of {', '.join(KNOWN)}, SEVERITY 1-5 (e.g. fog:3)",
+    )
+    corrupt.add_argument(
+        "--mix", action="store_true", help="one copy, each frame gets one of the corruptions"
+    )
+    corrupt.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    corrupt.add_argument("--split", default=None, help="one split (default: all splits)")
+    corrupt.add_argument("--mapping", default=None, help="folder format: classes/mapping file")
+    corrupt.add_argument("--condition", default=None, help="acdc: fog, night, rain or snow")
+    corrupt.add_argument("--quiet", action="store_true", help="no progress bar")
+    corrupt.set_defaults(func=run_corrupt)
+
+
+def run_corrupt(args: argparse.Namespace) -> int:
+    from pivotseg.data.corrupt import MANIFEST, corrupt_dataset
+
+    options = {k: v for k, v in (("mapping", args.mapping), ("condition", args.condition)) if v}
+    manifest = corrupt_dataset(
+        args.path,
+        args.format,
+        args.out,
+        args.corruption,
+        seed=args.seed,
+        split=args.split,
+        mix=args.mix,
+        progress=not args.quiet,
+        **options,
+    )
+    split = f" --split {args.split}" if args.split else ""
+    if args.mix:
+        counts = ", ".join(f"{label} {n}" for label, n in manifest["counts"].items())
+        print(f"{args.out}: {manifest['frames']} frames, one corruption each ({counts})")
+    else:
+        roots = ", ".join(f"{args.out}/{root}" for root in manifest["roots"].values())
+        print(f"{manifest['frames']} frames per corruption in {roots}")
+    print(f"read with --format {args.format}{split}; settings in {args.out}/{MANIFEST}")
     return 0

@@ -23,8 +23,11 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from pivotseg.outputs import check_output_dir
     from pivotseg.tasks.dgss.demo import HOW_TO_GET, MissingSharedData, run_demo
 
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
     try:
         run_demo(args.out, args.overrides)
     except MissingSharedData as err:

@@ -33,6 +33,7 @@ def register(subparsers) -> None:
 
 
 def run_mine(args: argparse.Namespace) -> int:
+    from pivotseg.outputs import check_output_file
     from pivotseg.tasks.openvocab.famix_mining import MiningConfig, mine_dataset
     from pivotseg.tuning.famix import StyleBank
 
@@ -40,6 +41,7 @@ def run_mine(args: argparse.Namespace) -> int:
     for key in ("out", "limit", "device"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
+    check_output_file(cfg.out, "out")
     path = mine_dataset(cfg)
     bank = StyleBank.load(path)
     print(f"wrote {path}: {sum(bank.counts())} styles at {bank.info['layer']}")

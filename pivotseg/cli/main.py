@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "train": "pivotseg.cli.train",
     "eval": "pivotseg.cli.eval",
     "predict": "pivotseg.cli.predict",
+    "adapt": "pivotseg.cli.adapt",
     "bench": "pivotseg.cli.bench",
     "ovseg": "pivotseg.cli.ovseg",
     "famix": "pivotseg.cli.famix",

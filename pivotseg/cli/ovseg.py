@@ -75,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("ovseg: give IMAGES to segment and/or --eval-data to score")
     if args.images and not args.out:
         raise ConfigError("ovseg: --out DIR is required to write predictions")
+    if args.out:
+        from pivotseg.outputs import check_output_dir
+
+        check_output_dir(args.out, "--out")
     dataset = None
     if args.eval_data:
         from pivotseg.data import build_dataset

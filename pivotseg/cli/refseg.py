@@ -81,6 +81,7 @@ def build_method(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from pivotseg.outputs import check_output_dir
     from pivotseg.tasks.refseg.images import (
         check_readable,
         list_images,
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         write_overlay,
     )
 
+    check_output_dir(args.out, "--out")
     if len(args.ref) != len(args.ref_mask):
         raise ConfigError(
             f"{len(args.ref)} --ref images but {len(args.ref_mask)} --ref-mask masks; give one "
@@ -123,9 +125,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    from pivotseg.outputs import check_output_dir, check_output_file
     from pivotseg.tasks.refseg.episodes import evaluate_episodes
     from pivotseg.tasks.refseg.images import write_mask
 
+    if args.out:
+        check_output_dir(args.out, "--out")
+    if args.json:
+        check_output_file(args.json, "--json")
     method = build_method(args)
     on_target = None
     if args.out:

@@ -11,11 +11,14 @@ examples:
   pivotseg train configs/cpu_rein_tinyvit_camvid.yaml
   pivotseg train configs/rein_dinov2l_gta2cbm_512.yaml train.iterations=20000 run_dir=runs/short
   pivotseg train --resume runs/short                  # continue from runs/short/checkpoints/last
+  pivotseg train configs/cpu_rein_tinyvit_camvid.yaml --overwrite   # replace the earlier run there
   torchrun --nproc_per_node 4 -m pivotseg train configs/rein_dinov2l_gta2cbm_512.yaml
 
 Overrides are dotted keys with YAML values: train.lr=6e-5, data.crop_size=[512,512],
 data.targets.0.split=val. The global batch (train.global_batch_size) is kept on any number of
-processes by gradient accumulation. See docs/training.md.
+processes by gradient accumulation. One process at a time trains in a run folder; a new run
+refuses a folder that is not empty unless --overwrite (which replaces the earlier run's files and
+keeps any others). See docs/training.md.
 """
 
 
@@ -35,6 +38,12 @@ def register(subparsers) -> None:
         "--resume", metavar="RUN_DIR", help="continue a run (or a checkpoint folder of one)"
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a run_dir that is not empty (its earlier run's files are replaced, "
+        "other files kept)",
+    )
+    parser.add_argument(
         "--stop-at",
         type=int,
         metavar="N",
@@ -47,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from pivotseg.config import load_config
     from pivotseg.engine import TrainingStopped
     from pivotseg.errors import ConfigError
+    from pivotseg.outputs import check_output_dir
     from pivotseg.tasks.dgss import train
     from pivotseg.tasks.dgss.train import run_folder_of
 
@@ -59,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("pivotseg train: give a CONFIG file (or --resume RUN_DIR)")
         config = run_folder_of(args.resume)[0] / "config.yaml"
     cfg = load_config(config, overrides)
+    check_output_dir(run_folder_of(args.resume)[0] if args.resume else cfg.run_dir, "run_dir")
     try:
-        run_dir = train(cfg, resume=args.resume, stop_at=args.stop_at)
+        run_dir = train(cfg, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
     except TrainingStopped as stop:
         print(f"pivotseg: {stop}", file=sys.stderr)
         return 130

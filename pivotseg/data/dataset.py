@@ -145,6 +145,7 @@ class SegDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.format_name = format_name
         self.epoch = 0
+        self.crop_class: int | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -156,6 +157,10 @@ class SegDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Change the random stream of seeded transforms (like ``DistributedSampler``)."""
         self.epoch = int(epoch)
+
+    def set_crop_class(self, crop_class: int | None) -> None:
+        """Class the next item's crop must contain (rare-class sampling); ``None``: any."""
+        self.crop_class = None if crop_class is None else int(crop_class)
 
     def load_label(self, index: int) -> np.ndarray:
         """Training ids of sample ``index`` without reading its image."""
@@ -184,6 +189,8 @@ class SegDataset(torch.utils.data.Dataset):
                 "epoch": self.epoch,
             },
         }
+        if self.crop_class is not None:
+            item["meta"]["crop_class"] = self.crop_class
         if self.transform is not None:
             item = self.transform(item)
         return item

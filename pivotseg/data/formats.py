@@ -11,6 +11,7 @@ unnamed one); pass ``split`` to read one.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import json
@@ -29,6 +30,8 @@ from pivotseg.data.taxonomy import (
     CITYSCAPES_LABELID_TO_TRAINID,
     CITYSCAPES_NUM_LABELIDS,
     CITYSCAPES_PALETTE,
+    IDD_LEVEL1_CLASSES,
+    IDD_LEVEL1_PALETTE,
     IGNORE_INDEX,
     ISPRS_CLASSES,
     ISPRS_PALETTE,
@@ -505,6 +508,43 @@ class CarlaScapesFormat(DatasetFormat):
         )
 
 
+class IDDLiteFormat(DatasetFormat):
+    """IDD Lite: the 7 IDD level-1 classes (ids 0-6, 255 = ignore), a folder per sequence.
+
+    Each sample's domain is its sequence folder (``meta["domain"]``), so frames can be grouped
+    or split by sequence; the dataset's domain stays ``idd_lite``.
+    """
+
+    name = "idd_lite"
+    layout = "leftImg8bit/<split>/<seq>/*_image.jpg + gtFine/<split>/<seq>/*_label.png (ids 0-6)"
+    classes = IDD_LEVEL1_CLASSES
+    palette = IDD_LEVEL1_PALETTE
+
+    def splits(self, root: Path) -> list[str]:
+        return [s for s in _subdirs(root / "leftImg8bit") if (root / "gtFine" / s).is_dir()]
+
+    def find(self, root: Path, split: str | None) -> Listing:
+        labels = root / "gtFine" / (split or "")
+        listing = pair_files(
+            root / "leftImg8bit" / (split or ""),
+            labels,
+            _suffix_key("_image.jpg"),
+            _suffix_key("_label.png"),
+            recursive=True,
+            split=split,
+        )
+        listing.pairs = [
+            dataclasses.replace(s, domain=_sequence(s.label, labels)) for s in listing.pairs
+        ]
+        return listing
+
+
+def _sequence(label: Path, split_root: Path) -> str | None:
+    """The sequence folder of a label below its split folder (None for files directly in it)."""
+    folder = label.parent.relative_to(split_root).as_posix()
+    return None if folder == "." else folder
+
+
 class LoveDAFormat(_TwoFolderFormat):
     """LoveDA (mmsegmentation layout): 0 = no-data -> ignore, 1..7 -> 0..6."""
 
@@ -653,6 +693,7 @@ FORMATS: dict[str, type[DatasetFormat]] = {
     "mapillary_v2.0": MapillaryV20Format,
     "camvid": CamVidFormat,
     "carlascapes": CarlaScapesFormat,
+    "idd_lite": IDDLiteFormat,
     "loveda": LoveDAFormat,
     "potsdam": PotsdamFormat,
     "vaihingen": VaihingenFormat,

@@ -5,6 +5,12 @@ indices, 8/16-bit grey PNGs their values, colour PNGs an ``(H, W, 3)`` array (on
 define colours accept those). 16-bit RGB PNGs (SYNTHIA's ``GT/LABELS``) are not supported by
 Pillow's modes, which keep only the high byte of each channel; :func:`read_png16_rgb` decodes them
 twice, once per byte, to recover the full values.
+
+Images are always ``uint8`` RGB. 16-bit images (grey or colour PNG/TIFF) keep the high byte of
+each value, as Pillow does for 16-bit colour and as scikit-image's ``img_as_ubyte`` does; Pillow's
+own conversion of 16-bit grey to RGB clips every value above 255 to white instead. A 16-bit image
+whose values all stay below 4096 (8-, 10- or 12-bit data stored without scaling) would read as
+nearly black, so it is refused with :class:`LowRangeImage` rather than read wrongly.
 """
 
 from __future__ import annotations
@@ -35,16 +41,53 @@ def _open(path: Path, what: str) -> Image.Image:
     return img
 
 
+class LowRangeImage(DataError):
+    """A 16-bit image whose values use so few bits that it reads as nearly black at 8 bits."""
+
+
+# The high byte of a 16-bit value below 4096 is at most 15 of 255: a nearly black image.
+_LOW_RANGE_HIGH_BYTE = 16
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """An RGB image as ``uint8 (H, W, 3)``; grey, palette and alpha images are converted.
+    """An RGB image as ``uint8 (H, W, 3)``; grey, palette, alpha and 16-bit images are converted.
 
     Raises:
-        DataError: naming the file when it is missing, truncated or not an image.
+        DataError: naming the file when it is missing, truncated or not an image;
+            :class:`LowRangeImage` for a 16-bit image with values only below 4096.
     """
-    img = _open(Path(path), "image")
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return np.asarray(img, dtype=np.uint8)
+    return read_image_bits(path)[0]
+
+
+def read_image_bits(path: str | Path) -> tuple[np.ndarray, int]:
+    """:func:`read_image` and the bits per channel of the file (8 or 16)."""
+    path = Path(path)
+    img = _open(path, "image")
+    bits = _bits_per_channel(img, path)
+    if img.mode.startswith("I") and bits == 16:
+        grey = (np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)
+        rgb = np.repeat(grey[..., None], 3, axis=2)
+    else:
+        rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
+    if bits == 16 and rgb.size and int(rgb.max()) < _LOW_RANGE_HIGH_BYTE:
+        raise LowRangeImage(
+            f"{path}: 16-bit image whose values all stay below 4096 of 65535 (8-, 10- or 12-bit "
+            "data saved without scaling), so at 8 bits it is nearly black; stretch it to its "
+            "real range and save it as an 8-bit image"
+        )
+    return rgb, bits
+
+
+def _bits_per_channel(img: Image.Image, path: Path) -> int:
+    if img.mode.startswith("I;16"):
+        return 16
+    if img.format == "PNG":
+        return 16 if _png_bit_depth(path) == 16 else 8
+    if img.format == "TIFF":
+        depth = img.tag_v2.get(258, (8,))
+        depth = depth if isinstance(depth, tuple) else (depth,)
+        return 16 if max(depth) == 16 else 8
+    return 8
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

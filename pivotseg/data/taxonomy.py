@@ -5,9 +5,10 @@ tables here say how: Cityscapes' official labelId->trainId table (also used by G
 standard SYNTHIA->Cityscapes table, Mapillary Vistas' class lists with the name rules of Rein's
 ``mapillary2cityscape.py`` (itself from openseg.pytorch), and the small remote-sensing tables.
 
-Across taxonomies (a model trained on Cityscapes' 19 classes scored on CamVid's 11, or the other
-way round), :func:`class_mapping` says which class of one list corresponds to which of the other;
-:func:`convert_label` and :func:`convert_logits` apply it. See docs/datasets.md.
+Across taxonomies (a model trained on Cityscapes' 19 classes scored on CamVid's 11 or the other
+way round; a CamVid or Cityscapes model scored on IDD's 7 level-1 classes), :func:`class_mapping`
+says which class of one list corresponds to which of the other; :func:`convert_label` and
+:func:`convert_logits` apply it. See docs/datasets.md.
 """
 
 from __future__ import annotations
@@ -323,40 +324,101 @@ def mapillary_to_cityscapes(mapillary_classes: Sequence[str], corrections: bool 
 MAPILLARY_V12_TO_TRAINID = mapillary_to_cityscapes(MAPILLARY_V12_CLASSES)
 MAPILLARY_V20_TO_TRAINID = mapillary_to_cityscapes(MAPILLARY_V20_CLASSES, corrections=True)
 
+# --- IDD (India Driving Dataset): the 7 level-1 classes of IDD Lite ---
+
+IDD_LEVEL1_CLASSES: list[str] = [
+    "drivable",
+    "non-drivable",
+    "living things",
+    "vehicles",
+    "road-side objects",
+    "far objects",
+    "sky",
+]
+# The Cityscapes colour of each group's main class (road, sidewalk, person, car, traffic sign,
+# building, sky): IDD Lite ships no palette of its own.
+IDD_LEVEL1_PALETTE: list[Color] = [
+    (128, 64, 128),
+    (244, 35, 232),
+    (220, 20, 60),
+    (0, 0, 142),
+    (220, 220, 0),
+    (70, 70, 70),
+    (70, 130, 180),
+]
+
 # --- Across taxonomies ---
 
 # CamVid class -> Cityscapes classes it covers. The first name is where a CamVid *label* goes
 # when converted to Cityscapes ids; every listed Cityscapes class is merged into the CamVid class
-# when Cityscapes *predictions* are scored on CamVid. SignSymbol also holds traffic lights;
-# Bicyclist is rider and bicycle together (the rider's body covers most of its pixels, so rider
-# is the label target). Cityscapes wall, terrain, truck, bus, train and motorcycle have no
-# CamVid counterpart.
+# when Cityscapes *predictions* are scored on CamVid. The groups follow SegNet's grouping of
+# CamVid's 32 classes into 11: Building holds Wall (and Bridge, Tunnel, Archway), SignSymbol
+# holds TrafficLight, Car holds SUVPickupTruck, Truck_Bus, Train and OtherMoving, Bicyclist holds
+# MotorcycleScooter (rider and two-wheeler as one region; the rider's body covers most of its
+# pixels, so rider is the label target). Cityscapes terrain (grass, soil) has no single CamVid
+# class (low vegetation is Tree via VegetationMisc, bare ground is not), so it stays unmapped.
 CAMVID_TO_CITYSCAPES: dict[str, list[str]] = {
     "Sky": ["sky"],
-    "Building": ["building"],
+    "Building": ["building", "wall"],
     "Pole": ["pole"],
     "Road": ["road"],
     "Pavement": ["sidewalk"],
     "Tree": ["vegetation"],
     "SignSymbol": ["traffic sign", "traffic light"],
     "Fence": ["fence"],
-    "Car": ["car"],
+    "Car": ["car", "truck", "bus", "train"],
     "Pedestrian": ["person"],
-    "Bicyclist": ["rider", "bicycle"],
+    "Bicyclist": ["rider", "bicycle", "motorcycle"],
+}
+
+# IDD level-1 class -> the Cityscapes classes merged into it, from IDD's own label helper
+# (anue_labels.py, the csTrainId and level1Id columns).
+IDD_LEVEL1_FROM_CITYSCAPES: dict[str, list[str]] = {
+    "drivable": ["road"],
+    "non-drivable": ["sidewalk", "terrain"],
+    "living things": ["person", "rider"],
+    "vehicles": ["car", "truck", "bus", "train", "motorcycle", "bicycle"],
+    "road-side objects": ["wall", "fence", "pole", "traffic light", "traffic sign"],
+    "far objects": ["building", "vegetation"],
+    "sky": ["sky"],
+}
+
+# IDD level-1 class -> the CamVid classes merged into it: each CamVid class goes where its main
+# Cityscapes class (the label target above) goes in IDD's table. Building -> far objects although
+# CamVid's Building also holds walls (road-side objects in IDD): buildings are most of its pixels.
+# Bicyclist -> living things, as the rider (Cityscapes' rider is living things, the bicycle or
+# motorcycle under it vehicles).
+IDD_LEVEL1_FROM_CAMVID: dict[str, list[str]] = {
+    "drivable": ["Road"],
+    "non-drivable": ["Pavement"],
+    "living things": ["Pedestrian", "Bicyclist"],
+    "vehicles": ["Car"],
+    "road-side objects": ["Pole", "SignSymbol", "Fence"],
+    "far objects": ["Building", "Tree"],
+    "sky": ["Sky"],
 }
 
 
-def _links(coarse: list[str], fine: list[str], table: dict[str, list[str]]):
-    coarse_to_fine = {coarse.index(c): fine.index(names[0]) for c, names in table.items()}
-    fine_to_coarse = {fine.index(f): coarse.index(c) for c, names in table.items() for f in names}
-    return coarse_to_fine, fine_to_coarse
+def _merged(source: list[str], target: list[str], table: dict[str, list[str]]) -> dict[int, int]:
+    """``{source index: target index}`` from ``{target class: [source classes merged into it]}``."""
+    return {source.index(s): target.index(t) for t, names in table.items() for s in names}
 
 
-_CAMVID_TO_CS, _CS_TO_CAMVID = _links(CAMVID_CLASSES, CITYSCAPES_CLASSES, CAMVID_TO_CITYSCAPES)
+_CAMVID_TO_CS = {
+    CAMVID_CLASSES.index(c): CITYSCAPES_CLASSES.index(names[0])
+    for c, names in CAMVID_TO_CITYSCAPES.items()
+}
+_CS_TO_CAMVID = _merged(CITYSCAPES_CLASSES, CAMVID_CLASSES, CAMVID_TO_CITYSCAPES)
 # (source classes, target classes) -> {source index: target index}, for the known links.
 TAXONOMY_LINKS: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[int, int]] = {
     (tuple(CAMVID_CLASSES), tuple(CITYSCAPES_CLASSES)): _CAMVID_TO_CS,
     (tuple(CITYSCAPES_CLASSES), tuple(CAMVID_CLASSES)): _CS_TO_CAMVID,
+    (tuple(CITYSCAPES_CLASSES), tuple(IDD_LEVEL1_CLASSES)): _merged(
+        CITYSCAPES_CLASSES, IDD_LEVEL1_CLASSES, IDD_LEVEL1_FROM_CITYSCAPES
+    ),
+    (tuple(CAMVID_CLASSES), tuple(IDD_LEVEL1_CLASSES)): _merged(
+        CAMVID_CLASSES, IDD_LEVEL1_CLASSES, IDD_LEVEL1_FROM_CAMVID
+    ),
 }
 
 
@@ -368,7 +430,7 @@ def class_mapping(source_classes: Sequence[str], target_classes: Sequence[str]) 
     """Which target class each source class corresponds to.
 
     Identical lists map one to one; the known links of :data:`TAXONOMY_LINKS` (CamVid <->
-    Cityscapes) use their tables; otherwise classes are matched by name (case, spaces,
+    Cityscapes, CamVid and Cityscapes -> IDD level 1) use their tables; otherwise classes are matched by name (case, spaces,
     underscores and hyphens ignored).
 
     Returns:

@@ -21,6 +21,7 @@ integer in [-18, 17] OpenCV units of 2 degrees (rounded to the nearest Pillow st
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -141,6 +142,43 @@ class ResizeShortEdge:
         return f"ResizeShortEdge({self.short}, max_long={self.max_long})"
 
 
+class CropFitCheck:
+    """Warn once when the crop is larger than an image even after the largest training resize.
+
+    Such crops are mostly padding: memory and time go to pixels that are ignored (a 2048 crop on
+    480x360 CamVid frames costs gigabytes per batch). Placed before the resize; changes nothing.
+    Each DataLoader worker holds its own copy, so each may warn once.
+    """
+
+    def __init__(self, crop_size: int | Sequence[int], scales: Sequence[int], max_size: int | None):
+        self.crop = _pair(crop_size)
+        self.largest = max(int(s) for s in scales)
+        self.max_size = max_size
+        self.warned = False
+
+    def __call__(self, item: Item) -> Item:
+        if self.warned:
+            return item
+        h, w = item["image"].shape[:2]
+        rh, rw = scaled_size(h, w, self.largest, self.max_size)
+        if rh < self.crop[0] or rw < self.crop[1]:
+            self.warned = True
+            name = item.get("meta", {}).get("path", "a training image")
+            warnings.warn(
+                f"data.crop_size {list(self.crop)} is larger than the training images: {name} is "
+                f"{h}x{w} and at most {rh}x{rw} after resizing (data.scales up to "
+                f"{self.largest}, data.max_size {self.max_size}; sizes are height x width), so "
+                "every crop is mostly padding and costs memory and time for nothing; lower "
+                f"data.crop_size to at most [{min(rh, self.crop[0])}, {min(rw, self.crop[1])}] "
+                "or raise data.scales",
+                stacklevel=2,
+            )
+        return item
+
+    def __repr__(self) -> str:
+        return f"CropFitCheck({self.crop}, largest scale {self.largest}, max_size={self.max_size})"
+
+
 class RandomCrop:
     """Random crop; with ``cat_max_ratio < 1`` re-draw until no class fills too much of it.
 
@@ -148,6 +186,11 @@ class RandomCrop:
     when it holds at least two classes (255 not counted) and the largest has a share of the
     labelled pixels below ``cat_max_ratio``; after 10 failed checks the last window drawn is
     used. An image smaller than the crop is cropped to its own size (``Pad`` fills up later).
+
+    Class-aware crops (rare-class sampling, :mod:`pivotseg.data.rare_classes`): when
+    ``meta["crop_class"]`` names a class present in the label, every candidate window is drawn
+    around a random pixel of that class (uniformly among the windows holding that pixel), so the
+    crop contains the class; the ``cat_max_ratio`` rule then chooses among such candidates.
     """
 
     random = True
@@ -173,14 +216,33 @@ class RandomCrop:
         counts = counts[counts > 0]
         return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
 
+    def _window_around(
+        self, h: int, w: int, pixels: tuple[np.ndarray, np.ndarray], rng: np.random.Generator
+    ) -> tuple[int, int, int, int]:
+        ch, cw = self.size
+        pick = int(rng.integers(len(pixels[0])))
+        y, x = int(pixels[0][pick]), int(pixels[1][pick])
+        top = int(rng.integers(max(0, y - ch + 1), min(y, max(h - ch, 0)) + 1))
+        left = int(rng.integers(max(0, x - cw + 1), min(x, max(w - cw, 0)) + 1))
+        return top, min(top + ch, h), left, min(left + cw, w)
+
+    def _window_drawer(self, item: Item, h: int, w: int, rng: np.random.Generator):
+        focus = item.get("meta", {}).get("crop_class")
+        if focus is not None and "label" in item:
+            pixels = np.nonzero(item["label"] == focus)
+            if len(pixels[0]):  # a resize can drop a tiny object: then crop as usual
+                return lambda: self._window_around(h, w, pixels, rng)
+        return lambda: self._window(h, w, rng)
+
     def __call__(self, item: Item, rng: np.random.Generator) -> Item:
         h, w = item["image"].shape[:2]
-        box = self._window(h, w, rng)
+        draw = self._window_drawer(item, h, w, rng)
+        box = draw()
         if self.cat_max_ratio < 1.0 and "label" in item:
             for _ in range(10):
                 if self._balanced(item["label"], box):
                     break
-                box = self._window(h, w, rng)
+                box = draw()
         y0, y1, x0, x1 = box
         item["image"] = item["image"][y0:y1, x0:x1]
         if "label" in item:
@@ -378,8 +440,10 @@ def train_transforms(
         seed: base seed of the per-item generators (``None``: not reproducible).
         max_size: cap on the long edge after resizing.
     """
+    scales = scales or default_scales(crop_size)
     steps: list[Callable] = [
-        RandomChoiceResize(scales or default_scales(crop_size), max_size),
+        CropFitCheck(crop_size, scales, max_size),
+        RandomChoiceResize(scales, max_size),
         RandomCrop(crop_size, cat_max_ratio),
     ]
     if flip:

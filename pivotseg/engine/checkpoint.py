@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,6 +33,7 @@ from pivotseg.errors import CheckpointError
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.json"
+_ITER_NAME = re.compile(r"iter_\d+")
 
 
 # ----- nested state <-> (tensors, JSON skeleton) --------------------------------------------------
@@ -85,8 +88,75 @@ def save_nested(state: Any, folder: Path, name: str) -> None:
 
 
 def load_nested(folder: Path, name: str) -> Any:
-    skeleton = json.loads((folder / f"{name}.json").read_text())
-    return join_tensors(skeleton, load_file(str(folder / f"{name}.safetensors")))
+    skeleton = read_json(folder / f"{name}.json")
+    return join_tensors(skeleton, read_tensors(folder / f"{name}.safetensors"))
+
+
+# ----- reading with one-line errors -------------------------------------------------------------
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """``load_file(path)``; a missing, empty or truncated file is a one-line CheckpointError
+    that names the file and the run's other checkpoints."""
+    path = Path(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        reason = "missing" if not path.exists() else f"unreadable ({_first_line(err)})"
+        raise CheckpointError(f"{path}: {reason}; {other_checkpoints_hint(path.parent)}") from None
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        reason = "missing" if not path.exists() else f"unreadable ({_first_line(err)})"
+        raise CheckpointError(f"{path}: {reason}; {other_checkpoints_hint(path.parent)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Refuse tensors holding NaN or infinity: a model from them predicts nothing meaningful."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"{where}: {len(bad)} of {len(state)} tensors hold NaN or infinite values (e.g. "
+            f"{', '.join(bad[:3])}); training diverged before this save; "
+            f"{other_checkpoints_hint(Path(where).parent)}"
+        )
+
+
+def iteration_folders(checkpoints: Path) -> list[Path]:
+    """The ``iter_*`` checkpoint folders under ``checkpoints``, oldest first."""
+    if not checkpoints.is_dir():
+        return []
+    found = [p for p in checkpoints.iterdir() if _ITER_NAME.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name[len("iter_") :]))
+
+
+def other_checkpoints_hint(folder: Path) -> str:
+    """Where to go instead of checkpoint ``folder``: the run's other ``iter_*`` folders."""
+    if folder.parent.name != "checkpoints":
+        return "write this checkpoint again or use another one"
+    others = [p for p in iteration_folders(folder.parent) if not _same_checkpoint(p, folder)]
+    if not others:
+        return "the run holds no other checkpoint; train it again"
+    names = ", ".join(p.name for p in others[-3:])
+    return (
+        f"the run's other checkpoints: {names}; pass one instead, e.g. {others[-1]} "
+        f"(pivotseg eval/predict {others[-1]}, or pivotseg train --resume {others[-1]})"
+    )
+
+
+def _same_checkpoint(a: Path, b: Path) -> bool:
+    """``last`` holds hard links to the files of the newest ``iter_*``: the same damage."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a / MODEL_FILE, b / MODEL_FILE)
+    except OSError:
+        return False
 
 
 # ----- random state ---------------------------------------------------------------------------
@@ -132,9 +202,8 @@ def save_trainable(model: nn.Module, folder: Path) -> None:
 def load_trainable(model: nn.Module, folder: Path) -> None:
     """Load ``model.safetensors`` of a checkpoint into ``model``, exactly its trainable keys."""
     path = Path(folder) / MODEL_FILE
-    if not path.exists():
-        raise CheckpointError(f"{path}: missing; the checkpoint folder is incomplete")
-    state = load_file(str(path))
+    state = read_tensors(path)
+    check_finite(state, path)
     expected = set(trainable_state(model))
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - set(model.state_dict()))
@@ -211,6 +280,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     last = path / "checkpoints" / "last"
     if last.is_dir():
         return last
+    found = iteration_folders(path / "checkpoints")
+    if found:
+        # e.g. a run stopped between writing iter_N and linking last, or last was deleted
+        names = ", ".join(p.name for p in found[-3:])
+        raise CheckpointError(
+            f"{path}: has no checkpoints/last, but holds {names}; pass one of those folders, "
+            f"e.g. {found[-1]}"
+        )
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such folder; give a run folder or a checkpoint folder")
     raise CheckpointError(
         f"{path}: neither a checkpoint (no {MODEL_FILE}) nor a run folder with checkpoints/last"
     )
@@ -225,7 +304,7 @@ def load_checkpoint_state(folder: str | Path) -> tuple[dict, dict, list[dict]]:
             f"{folder}: not a training checkpoint ({STATE_FILE} missing); give a run folder or "
             "one of its checkpoints/ folders"
         )
-    state = json.loads(state_path.read_text())
-    rng = join_tensors(state.pop("rng"), load_file(str(folder / "rng.safetensors")))
+    state = read_json(state_path)
+    rng = join_tensors(state.pop("rng"), read_tensors(folder / "rng.safetensors"))
     optimizer = load_nested(folder, "optimizer")
     return state, optimizer, rng

@@ -7,13 +7,19 @@
     RUN/metrics.jsonl     one JSON object per log step / evaluation
     RUN/tb/               TensorBoard events (only when tensorboard is installed)
     RUN/checkpoints/      iter_XXXXXXX/ every N iterations, last/ = the newest
+    RUN/.pivotseg.lock    while a process trains in it (:mod:`pivotseg.engine.run_lock`)
+
+Anything else in the folder (notes, an ``eval.json`` written there) belongs to the user:
+:class:`RunClaim` never removes it.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +28,23 @@ from typing import Any
 
 import torch
 
+from pivotseg.engine.run_lock import LOCK_NAME, RunLock
+from pivotseg.errors import ConfigError
 from pivotseg.paths import REPO_ROOT
+
+# What runs write into their folder (this module, the trainer, the dgss task with its class
+# statistics, ``bench dg``); ``--overwrite`` replaces these and nothing else.
+RUN_FILES = (
+    "config.yaml",
+    "env.json",
+    "env_resume_*.json",
+    "metrics.jsonl",
+    "tb",
+    "checkpoints",
+    "class_stats.json",
+    ".class_stats.json.*.tmp",
+    "bench.json",
+)
 
 
 def collect_env(world_size: int = 1, mixed_precision: str = "no") -> dict[str, Any]:
@@ -165,3 +187,130 @@ def _flat_numbers(record: dict, prefix: str = ""):
             yield from _flat_numbers(value, name + "/")
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
             yield name, value
+
+
+def is_run_file(name: str) -> bool:
+    """Whether ``name`` (an entry of a run folder) is one that runs write."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILES)
+
+
+class RunClaim:
+    """One run's hold on its folder: the lock, the check that a new run does not mix with the
+    files of another, and the undoing of a start that failed before it trained.
+
+    ``with RunClaim(path, resume=..., overwrite=...):`` wraps a run from set-up to the end.
+
+    * A new run (``resume=False``) refuses a folder with anything in it (a finished or
+      interrupted run, someone's notes) unless ``overwrite``; then :meth:`clear_previous`
+      removes the earlier run's files (:data:`RUN_FILES`) and keeps everything else. Call it
+      once set-up has succeeded, so that a failed start leaves the earlier run in place.
+    * A new run that fails before it logged a metric or saved a checkpoint removes what it
+      created (run files only; the folder and the parents it made, if they end up empty).
+    * ``active=False`` (every process but the main one) does nothing.
+
+    Raises:
+        RunFolderBusy: another live process holds the folder (its pid, host and start named).
+        ConfigError: a new run in a folder that is not empty, without ``overwrite``.
+    """
+
+    def __init__(
+        self, path: str | Path, *, resume: bool = False, overwrite: bool = False, active=True
+    ):
+        self.path = Path(path)
+        self.resume, self.overwrite, self.active = resume, overwrite, active
+        self.lock = RunLock(self.path)
+        self._before: set[str] = set()
+        self._made: Path | None = None  # the highest folder this run created
+        self._started = False
+
+    def __enter__(self) -> RunClaim:
+        if not self._started:
+            self.start()
+        return self
+
+    def start(self) -> None:
+        """Lock and check the folder (what ``with`` does, for callers that need it earlier)."""
+        self._started = True
+        if not self.active:
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"run_dir={self.path} is a file; set run_dir=<a folder>")
+        missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        self._made = missing[-1] if missing else None
+        try:
+            self.lock.acquire()
+            self._before = {e.name for e in self.path.iterdir() if e.name != LOCK_NAME}
+            if not self.resume and self._before and not self.overwrite:
+                raise ConfigError(self._refusal())
+        except BaseException:
+            self.lock.release()
+            self._remove_empty_folders()
+            raise
+
+    def _refusal(self) -> str:
+        path = self.path
+        if (path / "checkpoints" / "last").is_dir():
+            return (
+                f"{path}: holds a run already; continue it with --resume {path}, start it afresh "
+                "with --overwrite (overwrite=True in Python) or set run_dir=<another folder>"
+            )
+        names = sorted(self._before)
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return (
+            f"{path}: not empty ({shown}) and holds no run to resume; set run_dir=<another "
+            "folder>, or pass --overwrite (overwrite=True in Python) to replace the files of an "
+            "earlier run there (config.yaml, env.json, metrics.jsonl, tb/, checkpoints/; other "
+            "files stay)"
+        )
+
+    def clear_previous(self) -> list[str]:
+        """With ``overwrite``: remove the earlier run's files; returns their names."""
+        if not (self.active and self.overwrite and not self.resume):
+            return []
+        removed = sorted(n for n in self._before if is_run_file(n))
+        for name in removed:
+            _remove(self.path / name)
+        self._before -= set(removed)
+        if removed:
+            print(
+                f"pivotseg: note: {self.path}: --overwrite removed the earlier run's "
+                f"{', '.join(removed)}",
+                file=sys.stderr,
+            )
+        return removed
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.active:
+            return
+        try:
+            if exc_type is not None and not self.resume and not self._trained():
+                for entry in self.path.iterdir():
+                    if entry.name not in self._before and is_run_file(entry.name):
+                        _remove(entry)
+        finally:
+            self.lock.release()
+            self._remove_empty_folders()
+
+    def _trained(self) -> bool:
+        """Did this run log a metric or save a checkpoint?"""
+        logged = "metrics.jsonl" not in self._before and (self.path / "metrics.jsonl").exists()
+        saved = "checkpoints" not in self._before and (self.path / "checkpoints" / "last").exists()
+        return logged or saved
+
+    def _remove_empty_folders(self) -> None:
+        if self._made is None:
+            return
+        for folder in (self.path, *self.path.parents):
+            try:
+                folder.rmdir()  # only succeeds when empty
+            except OSError:
+                return
+            if folder == self._made:
+                return
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink(missing_ok=True)

@@ -8,12 +8,16 @@ global sequence of samples: epoch ``e`` is a permutation of the dataset drawn fr
 optimiser step of global batch ``B`` always consumes positions ``[t * B, (t + 1) * B)`` in
 total, on one device with accumulation or on ``W`` devices. Resuming at iteration ``t`` only
 needs ``t``: no sampler state is saved.
+
+:class:`ClassBalancedSampler` keeps these properties for rare-class sampling: the ``g``-th sample
+is drawn (a class, then an image holding it) from a generator of ``(seed, g)`` alone.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -68,12 +72,52 @@ class InfiniteSampler(Sampler):
             position += self.world_size
 
 
+class ClassDraw(Protocol):
+    """What :class:`ClassBalancedSampler` draws from (e.g.
+    :class:`pivotseg.data.rare_classes.RareClassSampling`)."""
+
+    def draw(self, rng: np.random.Generator) -> tuple[int, int]:
+        """One ``(dataset index, class)``."""
+        ...
+
+
+class ClassBalancedSampler(Sampler):
+    """Yields ``(dataset_index, position, augmentation_seed, class)`` for one process, forever.
+
+    Stream position ``g`` draws its class and image from ``default_rng([seed, g, 1])`` through
+    ``classes.draw`` and gets the augmentation seed :func:`sample_seed` ``(seed, g)``. The
+    position also stands in for the epoch, so an image drawn twice gets two augmentations.
+    Arguments as for :class:`InfiniteSampler`.
+    """
+
+    def __init__(
+        self,
+        classes: ClassDraw,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
+    ):
+        self.classes, self.seed, self.rank, self.world_size = classes, seed, rank, world_size
+        self.start = start
+
+    def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
+        position = self.start * self.world_size + self.rank
+        while True:
+            # The trailing 1 keeps this stream apart from the augmentation seed's (seed, g).
+            index, cls = self.classes.draw(np.random.default_rng([self.seed, position, 1]))
+            yield index, position, sample_seed(self.seed, position), cls
+            position += self.world_size
+
+
 class SeededItems(Dataset):
     """Wraps a dataset so that item ``(index, epoch, seed)`` is drawn reproducibly.
 
     Datasets with ``set_epoch`` (:class:`pivotseg.data.SegDataset`, whose seeded transforms
-    draw from ``(transform seed, epoch, index)``) get the sample's stream epoch. For transforms
-    that use the global generators instead, Python's, NumPy's and torch's are seeded with
+    draw from ``(transform seed, epoch, index)``) get the sample's stream epoch, and those with
+    ``set_crop_class`` the class a key ``(index, epoch, seed, class)`` names (else ``None``, so
+    no class carries over from a previous item). For transforms that use the global generators
+    instead, Python's, NumPy's and torch's are seeded with
     ``seed`` for the duration of one ``dataset[index]`` call and restored afterwards. Either
     way a sample depends on its stream position only (not on which worker or process loads
     it), and the main process's own random state is left as it was when ``num_workers=0``.
@@ -85,10 +129,12 @@ class SeededItems(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int, int]):
-        index, epoch, seed = key
+    def __getitem__(self, key: tuple[int, ...]):
+        index, epoch, seed = key[:3]
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
+        if hasattr(self.dataset, "set_crop_class"):
+            self.dataset.set_crop_class(key[3] if len(key) > 3 else None)
         py_state, np_state = random.getstate(), np.random.get_state()
         torch_state = torch.get_rng_state()
         try:

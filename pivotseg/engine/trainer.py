@@ -30,8 +30,9 @@ from pivotseg.engine import checkpoint as ckpt
 from pivotseg.engine.distributed import all_gather_objects, barrier, make_accelerator
 from pivotseg.engine.optim import accumulation_steps, build_optimizer, default_param_groups
 from pivotseg.engine.run_folder import RunFolder, collect_env
-from pivotseg.engine.sampler import InfiniteSampler, SeededItems
+from pivotseg.engine.sampler import ClassBalancedSampler, ClassDraw, InfiniteSampler, SeededItems
 from pivotseg.engine.schedule import build_scheduler
+from pivotseg.engine.workers import next_batch
 from pivotseg.errors import ConfigError, PivotsegError
 
 EvaluateFn = Callable[[nn.Module, int], dict]
@@ -54,6 +55,17 @@ class _LossForward(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         return self.model.compute_loss(images, labels)
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (each process its own seed)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -84,6 +96,9 @@ class Trainer:
             trainable tensors as ``model.safetensors``).
         accelerator: an :class:`accelerate.Accelerator`; built from ``train_cfg`` if omitted.
         resume_hint: the command line printed to resume after a stop.
+        class_sampling: draws ``(index, class)`` per sample (rare-class sampling, e.g.
+            :class:`pivotseg.data.rare_classes.RareClassSampling`); ``None``: epochs of
+            shuffled indices.
     """
 
     def __init__(
@@ -100,8 +115,10 @@ class Trainer:
         save_model: Callable[[Path], None] | None = None,
         accelerator=None,
         resume_hint: str | None = None,
+        class_sampling: ClassDraw | None = None,
     ):
         self.cfg = train_cfg
+        self.class_sampling = class_sampling
         self.model = model
         self.train_set = train_set
         self.seed = seed
@@ -136,13 +153,13 @@ class Trainer:
     def _loader(self, start_iteration: int, seed: int | None = None) -> DataLoader:
         per_step = self.accumulation * self.per_device_batch
         seed = self.seed if seed is None else seed
-        sampler = InfiniteSampler(
-            len(self.train_set),
-            seed=seed,
-            rank=self.rank,
-            world_size=self.world_size,
-            start=start_iteration * per_step,
+        stream = dict(
+            seed=seed, rank=self.rank, world_size=self.world_size, start=start_iteration * per_step
         )
+        if self.class_sampling is not None:
+            sampler = ClassBalancedSampler(self.class_sampling, **stream)
+        else:
+            sampler = InfiniteSampler(len(self.train_set), **stream)
         # An own generator: creating the loader's iterator must not consume the global torch
         # generator, whose state is part of what a resume restores.
         generator = torch.Generator().manual_seed(seed * 1009 + self.rank)
@@ -177,7 +194,7 @@ class Trainer:
         device = self.accelerator.device
         try:
             for _ in tqdm(range(steps), desc="warm-up", disable=not self.is_main):
-                batch = next(loader)
+                batch = next_batch(loader)
                 self.model.warm_up(batch["image"].to(device), batch["label"].to(device))
         finally:
             del loader
@@ -246,7 +263,7 @@ class Trainer:
                 "from a fresh seed, so this resume is not bit-exact",
                 stacklevel=2,
             )
-            torch.manual_seed(self.seed + self.rank)
+            seed_all(self.seed + self.rank)
         self.last_checkpoint = folder
         return int(state["iteration"])
 
@@ -292,8 +309,10 @@ class Trainer:
         else:
             self._warm_up()
             # Dropout and other model randomness differ per process; data randomness is
-            # per sample (SeededItems), so it does not depend on this.
-            torch.manual_seed(self.seed + self.rank)
+            # per sample (SeededItems), so it does not depend on this. Python's and NumPy's
+            # generators too: left unseeded they start from OS entropy, and the checkpoint's
+            # rng.safetensors would differ between two runs of one config.
+            seed_all(self.seed + self.rank)
         env = collect_env(self.world_size, acc.mixed_precision)
         self.run.write_env(env, name="env.json" if start == 0 else f"env_resume_{start}.json")
         if start >= total:
@@ -375,7 +394,7 @@ class Trainer:
         acc = self.accelerator
         loss_sum, parts_sum = 0.0, {}
         for micro in range(self.accumulation):
-            batch = next(loader_iter)
+            batch = next_batch(loader_iter)
             images = batch["image"].to(acc.device, non_blocking=True)
             labels = batch["label"].to(acc.device, non_blocking=True)
             # Only the last micro-batch synchronises gradients across processes.

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pivotseg.errors import ConfigError
 from pivotseg.heads.base import IGNORE_INDEX, Head
 from pivotseg.heads.pyramid import SimpleFeaturePyramid, group_norm
 
@@ -34,17 +35,33 @@ def upsample_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def semantic_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pixel-wise cross-entropy after upsampling ``logits`` to the label size.
 
-    A batch whose pixels are all ignored gives a zero loss that still has a graph (the plain
-    mean over zero pixels would be NaN).
+    ``weight``: one weight per class; the loss is then the weighted mean over pixels (torch's
+    ``cross_entropy``). A batch whose pixels are all ignored gives a zero loss that still has a
+    graph (the plain mean over zero pixels would be NaN).
     """
     logits = upsample_to(logits, labels.shape[-2:])
     if not (labels != ignore_index).any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+    return F.cross_entropy(logits, labels, weight=weight, ignore_index=ignore_index)
+
+
+def class_weight_tensor(weights: Sequence[float], num_classes: int) -> torch.Tensor:
+    """``head_args.ce_class_weights`` checked: one non-negative number per class."""
+    values = [float(w) for w in weights]
+    if len(values) != num_classes or min(values) < 0 or max(values) == 0:
+        raise ConfigError(
+            f"head_args.ce_class_weights has {len(values)} values: give {num_classes} "
+            "non-negative numbers, not all 0 (e.g. median_frequency_weights of "
+            "pivotseg.data.rare_classes)"
+        )
+    return torch.tensor(values, dtype=torch.float32)
 
 
 class FPNHead(Head):
@@ -58,6 +75,8 @@ class FPNHead(Head):
         target_strides: pyramid strides, default 4/8/16/32.
         dropout: before the classifier (mmseg decode heads use 0.1).
         ignore_index: label value excluded from the loss.
+        ce_class_weights: one weight per class for the cross-entropy (mmseg's
+            ``class_weight``; e.g. median-frequency balancing for rare classes); ``None``: 1.
     """
 
     def __init__(
@@ -70,10 +89,16 @@ class FPNHead(Head):
         target_strides: Sequence[int] | None = None,
         dropout: float = 0.1,
         ignore_index: int = IGNORE_INDEX,
+        ce_class_weights: Sequence[float] | None = None,
     ):
         super().__init__()
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        weight = None
+        if ce_class_weights is not None:
+            weight = class_weight_tensor(ce_class_weights, num_classes)
+        # Not saved: head_args rebuild it, and checkpoints hold trained tensors only.
+        self.register_buffer("ce_class_weights", weight, persistent=False)
         self.pyramid = SimpleFeaturePyramid(
             in_dims, in_strides, target_strides, mode=pyramid, out_dim=channels
         )
@@ -95,7 +120,8 @@ class FPNHead(Head):
         return self.classifier(self.dropout(self.fuse(fused)))
 
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"loss_ce": semantic_cross_entropy(outputs, labels, self.ignore_index)}
+        loss = semantic_cross_entropy(outputs, labels, self.ignore_index, self.ce_class_weights)
+        return {"loss_ce": loss}
 
     def logits(self, outputs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return upsample_to(outputs, size)

@@ -78,6 +78,12 @@ class TuningMethod(nn.Module):
         """``(substring of a full name, {"lr_mult", "decay_mult"})``; first match wins."""
         return []
 
+    def adaptable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(full name, parameter)`` that test-time self-training may update on unlabelled
+        target images (:mod:`pivotseg.tasks.adapt`): a small declared set, never the backbone.
+        Empty by default: a method without such a set cannot be self-trained."""
+        return iter(())
+
     def queries(self) -> torch.Tensor | None:
         """``(num_queries, query_dim)`` for Mask2Former query linkage, or ``None``."""
         return None

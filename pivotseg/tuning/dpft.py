@@ -10,34 +10,52 @@ ablation grid (Rein -> +class-structured -> +rho gating -> +U(z) -> +focus gate 
   token, then ``per_class`` tokens for each of the K classes (``class_prompts``), then generic
   tokens. ``M = 1 + K * per_class + G``; G fills the total to ``num_tokens`` (100) and is at
   least ``min_generic`` (8) when the class tokens alone reach it;
-* class presence (``presence_gating``)::
+* **blocks** (``blocks``, ours): DPFT refines the deepest ``ceil(0.6 L)`` of the L blocks by
+  default (TinyViT-5M: blocks 4-9 of 10; DINOv2-L: 9-23 of 24; ``blocks: all`` for every
+  block). Training backpropagates from the head down to the first refined block, so it keeps
+  the activations of every frozen block after it; on the CPU protocol refining all 10 TinyViT
+  blocks cost 0.67x full fine-tuning's training memory and 1.2x the frozen segmenter's
+  inference, against the 0.6x / 1.1x budget of issue #12 (bench/methods.py). On source val
+  (seed 0) blocks 4-9 scored no lower than 2-9 or all blocks (docs/benchmarks.md);
+* class presence (``presence_gating``), only in ``presence_blocks`` (default: the last
+  refined block; elsewhere rho = 1)::
 
-      rho_{l,k} = sigmoid( log( mean_n exp(cos(f_n, P_k) / tau) ) - b ),   tau = 0.07
+      s_{l,k}   = log( mean_n exp(cos(f_n, P_k) / tau) ),   tau = 0.07
+      rho_{l,k} = sigmoid( exp(a_{l,k}) * z_{l,k} + c_{l,k} )
 
   methods.md writes ``sigmoid((1/tau) logsumexp_n cos - b)``; read literally that grows with
   ``log N`` (the crop size) and saturates at 1 for any b near 0, so we take the temperature
   inside the log-sum-exp and subtract ``log N`` (a log-mean-exp: a soft maximum of the cosine
-  over patches, in ``[-1/tau, 1/tau]``). ``b`` (``presence_bias``) is one learnable scalar,
-  initialised 0. Classes whose pivot has no data yet get ``rho = 1``;
-* optional presence calibration (``presence_calibration``, ours, off by default): measured on a
-  trained DPFT, the raw ``s_{l,k} - b`` put rho at 0.5-0.84 in early blocks and 0.99-1.00 in
-  late ones for *every* class (features of one block share a large common direction, so all
-  cosines are high) and b barely moved, so the gate suppressed nothing. With calibration each
-  block keeps, per class, the mean score of images where the class is present (one of its
-  tokens is, as for the pivots) and where it is absent (valid pivots only); with ``mid_{l,k}``
-  their midpoint and ``gap_{l,k}`` their difference the logit is
-  ``sharpness * (s_{l,k} - mid_{l,k}) / gap_{l,k} - b`` (sharpness 4: rho ~ 0.88 at the class's
-  typical present score, ~ 0.12 at its absent one). The statistics are buffers like the pivots:
-  a running mean over the warm-up, then an EMA (momentum 0.99) over training batches. A class
-  is not gated (rho = 1) until it has been seen both present and absent with a positive gap.
-  Per class because one midpoint per block (tried first) inverted the gate for rare classes,
-  whose pivots sit near the common direction (docs/benchmarks.md);
+  over patches, in ``[-1/tau, 1/tau]``). Measured on trained runs, that bare score with one
+  learnable scalar b gave present and absent classes alike rho 0.5-1.0 (features of one block
+  share a large common direction, so all cosines are high) and b barely moved: the gate
+  suppressed nothing. Hence, per presence block l and class k:
+
+  - calibration against the pivots (``presence_calibration``, on by default): the block keeps
+    the class's mean score over source images where it is present (one of its tokens is, the
+    pivots' 50% rule) and where it is absent (valid pivots only); ``z = sharpness * (s - mid) /
+    gap`` with their midpoint and difference (sharpness 4: rho ~ 0.88 / 0.12 at the typical
+    present / absent score before training). The statistics are buffers like the pivots: a
+    running mean over the warm-up, then an EMA (momentum 0.99) over training batches. A class
+    is not gated (rho = 1) until it has been seen present and absent with a positive gap.
+    Without calibration ``z = s`` and every class with a pivot is gated;
+  - a learnable scale ``a`` and bias ``c`` (``presence_scale``, ``presence_bias``, init 0; at
+    ``PRESENCE_LR_MULT`` times the learning rate, no decay), trained by
+  - presence supervision (``presence_weight``, 0.1): ``loss_presence``, the BCE between the
+    gated classes' logits and whether the class has a token in the crop, averaged over images,
+    classes and presence blocks; computed in :meth:`DPFT.extra_loss` in training mode only. The
+    scores are of detached features: the BCE trains the calibration, not the refinement (through
+    the features it made the gate separate worse and source val drop, seed 0). The statistics
+    alone go stale as the features train, and the bare score does not separate (tested on a
+    synthetic task); together they meet issue #12's bar in the last block on source val
+    (docs/benchmarks.md, "DPFT presence and focus gates");
+
 * dynamic prompts (``dynamic_context``): ``T_l = E_l + rho~ * U(z_l)`` with ``z_l = mean_n f_n``
   and ``U`` a Linear ``c -> 64``, GELU, Linear ``64 -> c`` shared across blocks, its output layer
   zero-initialised (so training starts from static prompts). ``rho~_j`` is the presence of token
   j's class, 1 for the null and generic tokens.
 
-**Prompt-guided Feature Focuser (PFF)**, after block l::
+**Prompt-guided Feature Focuser (PFF)**, after each refined block l::
 
     S     = softmax( (f W_q)(T_l W_k)^T / sqrt(d) + log rho~ )      # W_q, W_k: c -> d (256)
     dfbar = S[:, :, 1:] @ MLP_T(T_l[1:])
@@ -50,16 +68,22 @@ ablation grid (Rein -> +class-structured -> +rho gating -> +U(z) -> +focus gate 
 ``log rho~`` bias and uses rho~ = 1 in ``U``. With every switch off the update is Rein's with a
 learned bilinear similarity ``W_q W_k^T / sqrt(d)`` in place of ``I / sqrt(c)`` and a per-layer
 scale in place of Rein's single one: with ``attn_dim = c``, ``W_q = W_k = I`` and all gamma_l
-equal to Rein's scale it computes exactly Rein (tested).
+equal to Rein's scale it computes exactly Rein (tested). For cost, ``(f W_q)(T_l W_k)^T`` is
+computed as ``f (T_l W_k W_q^T)^T`` (W_q projects the M tokens, not the N patches) and the null
+token gets a zero value row instead of a slice of S. Measured on trained runs (bench/
+dpft_presence.py): g stays ~0.99 on almost every patch of the middle blocks and falls below 0.5
+on 5-49% of the patches of the last one or two; switched off, 0.1-1.4% of the pixels change
+class.
 
 **Set pivots** (:class:`~pivotseg.tuning.pivots.PivotBank`, non-learnable buffers ``(K, c)``):
-EMA (momentum 0.999) of the class means of the patch tokens of the pivot block, over patches
+EMA (momentum 0.999) of the class means of the patch tokens of the pivot block (per width, the
+last refined block of that width that a forward runs), over patches
 where >= 50% of the pixels carry the class; updated in :meth:`DPFT.extra_loss` (the labels arrive
 there) from tokens the hooks cached during the forward. Pivot tokens are the pivot block's output
 *before* its own PFF update, detached. **Warm-up** (``warmup_images``, default 0; methods.md's
 recipe and our GPU configs: 500): the engine runs that many augmented source images through the model without gradients before training and
 calls :meth:`DPFT.warm_up` after each batch, which sets the pivots to plain class means over
-all of them (:meth:`DPFT.init_pivots`) and the presence calibration to its running mean; with
+all of them (:meth:`DPFT.init_pivots`) and the presence statistics to their running mean; with
 ``warmup_images=0`` the first training batch that shows a class initialises its pivot.
 
 **gamma_l init 0.3** (methods.md: 1e-3, Rein's scale init): chosen on source validation only
@@ -69,15 +93,16 @@ step, so on a short schedule it barely acts (gamma reached 0.05 in 200 iteration
 recipes in configs/ keep 1e-3 for their 40k iterations.
 
 **Pivot loss** (``pivot_loss``): InfoNCE (tau 0.1) between per-image class-pooled PFF outputs at
-``pivot_layers`` (default: the backbone's ``out_indices``) and the valid pivots, over the classes
+``pivot_layers`` (default: the backbone's ``out_indices`` among the refined blocks) and the
+valid pivots, over the classes
 present in each image, averaged over layers, times ``pivot_weight`` (lambda_p = 0.1).
 
 **Queries**: as Rein, from the static banks ``E_l``; ``num_queries = M``.
 
 **Hierarchical backbones** (ours): tokens, ``U``, ``W_q``/``W_k``, the MLPs and ``W_t`` exist per
-distinct block width, as in :mod:`pivotseg.tuning.rein`. There is one pivot bank per width, fed by
-the last block of that width that a forward runs, so ``rho`` and the pivot loss of a block always
-compare features of one width. For a plain ViT this is a single bank from the last block.
+distinct width of the refined blocks, as in :mod:`pivotseg.tuning.rein`. There is one pivot bank
+per width, so ``rho`` and the pivot loss of a block always compare features of one width. For a
+plain ViT this is a single bank from the last block.
 
 **Optional orthogonality penalty** (``ortho_weight``, default 0 = off; methods.md lists it as
 optional at 1e-3): the mean squared cosine between different classes' mean prompt vectors of
@@ -86,9 +111,10 @@ optional at 1e-3): the mean squared cosine between different classes' mean promp
 Without it (or gating), ``class_prompts`` alone only relabels tokens: the computation equals the
 unstructured bank's unless the layout changes the token count.
 
-**Budget** for DINOv2-L (24 blocks, c = 1024), K = 19, defaults: prompts 431,616; U 132,160;
-W_q, W_k 524,288; shared MLPs 2,099,200; gamma 24; query link 459,264; presence bias b 1; total
-3,646,553 (methods.md's table: 3,646,552, which leaves out b).
+**Budget** for DINOv2-L (24 blocks, c = 1024), K = 19, ``blocks: all``: prompts 431,616;
+U 132,160; W_q, W_k 524,288; shared MLPs 2,099,200; gamma 24; query link 459,264; presence
+scale and bias 38 (1 block x 19 classes x 2); total 3,646,590 (methods.md's table: 3,646,552,
+which leaves out b). With the default 15 blocks: prompts 269,760, gamma 15; total 3,484,725.
 """
 
 from __future__ import annotations
@@ -106,6 +132,12 @@ from pivotseg.tuning.base import Rule
 from pivotseg.tuning.pivots import PivotBank, class_pool, patch_classes, pivot_info_nce
 from pivotseg.tuning.rein import NO_DECAY, TokenMethod
 
+# The presence calibration's scale and bias live on a logit scale of a few units; at the base
+# learning rate Adam moves a parameter by about 0.1 over the 200-iteration CPU protocol.
+PRESENCE_LR_MULT = 10.0
+# Share of the blocks, the deepest, that DPFT refines by default.
+DEFAULT_DEPTH = 0.6
+
 
 class DPFT(TokenMethod):
     """DPFT: class-aware dynamic prompts, focused feature refinement and set pivots.
@@ -122,21 +154,27 @@ class DPFT(TokenMethod):
         attn_dim: d of ``W_q``/``W_k``.
         context_rank: hidden width of ``U``.
         gamma_init: initial per-layer scale.
+        blocks: blocks DPFT refines (negative indices count from the end, ``"all"`` = every
+            block); default the deepest ``ceil(0.6 L)`` of the L blocks.
+        presence_blocks: blocks where the presence gate acts and is supervised (a subset of
+            ``blocks``); default the last of ``blocks``.
+        presence_weight: weight of the presence BCE (0 = the gate is not supervised).
         presence_tau: tau of the presence soft maximum.
+        presence_calibration: standardise each presence block's scores per class with source
+            statistics (see the module docstring); off = the raw score into the calibration.
+        presence_sharpness: the standardised logit at the mean score of present classes (minus
+            that of absent ones): 4 gives rho ~ 0.88 / 0.12 there before training.
+        presence_momentum: EMA momentum of the calibration statistics during training.
         pivot_momentum: EMA momentum of the pivots.
         pivot_weight: lambda_p of the pivot loss.
         pivot_tau: InfoNCE temperature.
-        pivot_layers: blocks whose PFF outputs enter the pivot loss (default ``out_indices``).
+        pivot_layers: blocks whose PFF outputs enter the pivot loss (default: the backbone's
+            ``out_indices`` among ``blocks``).
         ortho_weight: weight of the optional prompt orthogonality penalty (0 = off).
-        presence_calibration: standardise each block's presence scores per class with source
-            statistics (see the module docstring); off = the bare ``score - b``.
-        presence_sharpness: the calibrated logit at the mean score of present classes (minus
-            that of absent ones): 4 gives rho ~ 0.88 / 0.12 there.
-        presence_momentum: EMA momentum of the calibration statistics during training.
         warmup_images: source images the engine runs before training to set the pivots and the
             calibration (:meth:`warm_up`); 0 = none.
         class_prompts, presence_gating, dynamic_context, focus_gate, pivot_loss: ablation
-            switches (all on = the full method).
+            switches.
         link_queries: build the query link (off for heads without queries).
         ignore_index: label value without a class.
     """
@@ -156,15 +194,18 @@ class DPFT(TokenMethod):
         attn_dim: int = 256,
         context_rank: int = 64,
         gamma_init: float = 0.3,
+        blocks: list[int] | str | None = None,
+        presence_blocks: list[int] | None = None,
+        presence_weight: float = 0.1,
         presence_tau: float = 0.07,
+        presence_calibration: bool = True,
+        presence_sharpness: float = 4.0,
+        presence_momentum: float = 0.99,
         pivot_momentum: float = 0.999,
         pivot_weight: float = 0.1,
         pivot_tau: float = 0.1,
         pivot_layers: list[int] | None = None,
         ortho_weight: float = 0.0,
-        presence_calibration: bool = False,
-        presence_sharpness: float = 4.0,
-        presence_momentum: float = 0.99,
         warmup_images: int = 0,
         class_prompts: bool = True,
         presence_gating: bool = True,
@@ -181,24 +222,40 @@ class DPFT(TokenMethod):
             raise ConfigError(
                 "dpft: presence_gating gates class tokens; turn class_prompts on or gating off"
             )
-        if presence_calibration and not presence_gating:
+        self.require_blocks()
+        n, dims = backbone.num_blocks, backbone.block_dims
+        if blocks == "all":
+            blocks = list(range(n))
+        elif blocks is None:
+            # The deepest 60%: training backpropagates from the head to the first refined block
+            # and so keeps the activations of every frozen block after it.
+            blocks = list(range(n - math.ceil(DEFAULT_DEPTH * n), n))
+        blocks = _resolve_blocks(blocks, n, "blocks")
+        if presence_blocks is None:
+            # The last: its own input feeds the pivots of its width, so the cosines compare like
+            # with like (the block before it failed the bar on source val, docs/benchmarks.md).
+            presence_blocks = blocks[-1:]
+        presence_blocks = _resolve_blocks(presence_blocks, n, "presence_blocks")
+        if presence_gating and not set(presence_blocks) <= set(blocks):
             raise ConfigError(
-                "dpft: presence_calibration calibrates the presence gate; turn presence_gating "
-                "on or calibration off"
+                f"dpft: presence_blocks {presence_blocks} must be among blocks {blocks}; "
+                "add them to blocks or pick presence_blocks from it"
             )
+
         self.per_class = per_class if class_prompts else 0
         class_count = num_classes * self.per_class
         if generic_tokens is None:
             generic_tokens = max(num_tokens - 1 - class_count, min_generic if class_prompts else 0)
         self.num_generic = generic_tokens
-        self.build_tokens(1 + class_count + generic_tokens, rank, query_dim, link_queries)
+        self.build_tokens(1 + class_count + generic_tokens, rank, query_dim, link_queries, blocks)
 
         self.class_prompts, self.presence_gating = class_prompts, presence_gating
         self.dynamic_context, self.focus_gate = dynamic_context, focus_gate
         self.pivot_loss = pivot_loss
         self.presence_tau, self.pivot_weight, self.pivot_tau = presence_tau, pivot_weight, pivot_tau
+        self.presence_weight = presence_weight
         self.ortho_weight, self.ignore_index = ortho_weight, ignore_index
-        self.presence_calibration = presence_calibration
+        self.presence_calibration = presence_calibration and presence_gating
         self.presence_sharpness, self.presence_momentum = presence_sharpness, presence_momentum
         self.warmup_images = warmup_images if (presence_gating or pivot_loss) else 0
         self.attn_dim = attn_dim
@@ -217,44 +274,49 @@ class DPFT(TokenMethod):
         self.attn_k = nn.ModuleDict(
             {str(c): nn.Linear(c, attn_dim, bias=False) for c in self.widths}
         )
-        self.gamma = nn.Parameter(torch.full((backbone.num_blocks,), float(gamma_init)))
+        self.gamma = nn.Parameter(torch.full((len(blocks),), float(gamma_init)))
         if dynamic_context:
             self.context = nn.ModuleDict(
                 {str(c): _zero_output_mlp(c, context_rank) for c in self.widths}
             )
+        # Presence block -> its row of the per-block presence parameters and statistics.
+        self.presence_blocks = presence_blocks if presence_gating else []
+        self._presence_slot = {b: s for s, b in enumerate(self.presence_blocks)}
         if presence_gating:
-            self.presence_bias = nn.Parameter(torch.zeros(()))
-        if self.presence_calibration:
-            # Per block and class: mean score when present / absent, and whether measured yet.
-            # Buffers like the pivots: saved with the model, never trained by gradients.
-            shape = (backbone.num_blocks, num_classes, 2)
-            self.register_buffer("presence_stats", torch.zeros(shape))
-            self.register_buffer("presence_seen", torch.zeros(shape, dtype=torch.bool))
+            shape = (len(self.presence_blocks), num_classes)
+            # Per block and class: logit = exp(scale) * standardised score + bias.
+            self.presence_scale = nn.Parameter(torch.zeros(shape))
+            self.presence_bias = nn.Parameter(torch.zeros(shape))
+            if self.presence_calibration:
+                # Mean score when present / absent, and whether measured yet: buffers like the
+                # pivots, saved with the model, never trained by gradients.
+                self.register_buffer("presence_stats", torch.zeros(*shape, 2))
+                self.register_buffer("presence_seen", torch.zeros(*shape, 2, dtype=torch.bool))
 
-        # Pivots: one bank per width, fed by the last block of that width a forward runs.
+        # Pivots: one bank per width, fed by the last block of that width that DPFT refines and
+        # a forward runs.
         last = self.last_run_block()
-        dims = backbone.block_dims
         self.pivot_blocks = {
-            c: max(i for i in range(last + 1) if dims[i] == c)
+            c: max(i for i in blocks if i <= last and dims[i] == c)
             for c in self.widths
-            if any(dims[i] == c for i in range(last + 1))
+            if any(i <= last and dims[i] == c for i in blocks)
         }
         if presence_gating or pivot_loss:
             self.pivot_banks = nn.ModuleDict(
                 {str(c): PivotBank(num_classes, c, pivot_momentum) for c in self.pivot_blocks}
             )
-        n = backbone.num_blocks
         layers = pivot_layers if pivot_layers is not None else backbone.out_indices
-        self.pivot_layers = sorted({i % n for i in layers if -n <= i < n})
+        self.pivot_layers = sorted({i % n for i in layers if -n <= i < n} & set(blocks))
         self.pivot_layers = [i for i in self.pivot_layers if dims[i] in self.pivot_blocks]
         # Filled by the hooks during a forward, emptied by extra_loss / init_pivots:
         # width -> (pivot-block tokens, grid, block index); block index -> (PFF output, grid).
         self._pivot_cache: dict[int, tuple[torch.Tensor, tuple[int, int], int]] = {}
         self._loss_cache: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
-        # block index -> (raw presence scores (B, K), valid pivots (K,), grid).
-        self._presence_cache: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = {}
+        # presence block -> (raw scores (B, K) detached, valid pivots (K,), grid, logits (B, K),
+        # gated classes (K,)); the statistics and the BCE need the labels, which come later.
+        self._presence_cache: dict[int, tuple] = {}
         self._init_sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # block -> (K, 2) warm-up batches that measured each class present / absent so far
+        # presence block -> (K, 2) warm-up batches that measured each class present / absent
         self._calibration_counts: dict[int, torch.Tensor] = {}
 
     @property
@@ -268,72 +330,77 @@ class DPFT(TokenMethod):
         if self.uses_pivots and self.pivot_blocks.get(c) == index:
             self._pivot_cache[c] = (f.detach(), hw, index)
         tokens = self.layer_tokens(index).to(f.dtype)  # (M, c)
-        log_rho = self.token_log_presence(f, index, hw) if self.presence_gating else None
+        gated = self.presence_gating and index in self._presence_slot
+        log_rho = self.token_log_presence(f, index, hw) if gated else None
         if self.dynamic_context:
-            rho = log_rho.exp() if log_rho is not None else torch.ones_like(f[:, :1, 0])
-            shift = self.context[key](f.mean(1))  # (B, c)
-            tokens = tokens + rho[..., None] * shift[:, None, :]  # (B, M, c)
-        q = self.attn_q[key](f)
-        k = self.attn_k[key](tokens)
-        logits = q @ k.transpose(-1, -2) / math.sqrt(self.attn_dim)
+            shift = self.context[key](f.mean(1))[:, None, :]  # (B, 1, c)
+            tokens = tokens + (shift if log_rho is None else log_rho.exp()[..., None] * shift)
+        # (f W_q^T)(T W_k^T)^T = f (T W_k^T W_q)^T: project the M tokens, not the N patches.
+        keys = self.attn_k[key](tokens) @ self.attn_q[key].weight  # (M, c) or (B, M, c)
+        logits = f @ keys.transpose(-1, -2) * self.attn_dim**-0.5
         if log_rho is not None:
             logits = logits + log_rho[:, None, :]
         attn = F.softmax(logits, dim=-1)
-        delta = attn[..., 1:] @ self.mlp_token2feat[key](tokens[..., 1:, :])
+        # A zero value row for the null token: S[:, :, 1:] @ V without copying a slice of S.
+        values = F.pad(self.mlp_token2feat[key](tokens[..., 1:, :]), (0, 0, 1, 0))
+        delta = attn @ values
         delta = self.mlp_delta_f[key](delta + f)
         if self.focus_gate:
-            delta = (1.0 - attn[..., :1]) * delta
-        out = f + self.gamma[index] * delta
+            delta = self.focus(attn) * delta
+        out = f + self.gamma[self._token_slot[index]] * delta
         if self.training and self.pivot_loss and index in self.pivot_layers:
             self._loss_cache[index] = (out, hw)
         return out
 
+    def focus(self, attn: torch.Tensor) -> torch.Tensor:
+        """The focus gate ``g = 1 - S_0`` ``(B, N, 1)`` of the attention ``S (B, N, M)``."""
+        return 1.0 - attn[..., :1]
+
     def presence_scores(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, K)`` raw scores (log-mean-exp of cos / tau) and the ``(K,)`` valid pivots."""
+        """``(B, K)`` raw scores (log-mean-exp of cos / tau) and the ``(K,)`` valid pivots.
+
+        Of detached features: trained through the features too, the presence BCE pulled them
+        away from the calibration statistics and the gate separated worse (source val, seed 0).
+        """
         bank = self.pivot_banks[str(f.shape[-1])]
+        f = f.detach()
         cos = F.normalize(f, dim=-1) @ F.normalize(bank.pivots.to(f.dtype), dim=-1).T
         soft_max = torch.logsumexp(cos / self.presence_tau, dim=1) - math.log(f.shape[1])
         return soft_max, bank.valid
 
     def class_presence_logits(
-        self, f: torch.Tensor, index: int | None = None
+        self, f: torch.Tensor, index: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, K)`` presence logits of tokens ``f`` (at block ``index``) and the ``(K,)`` mask
-        of the classes that are gated (a valid pivot and, with calibration, statistics)."""
-        scores, valid = self.presence_scores(f)
-        logits, ready = self._calibrated(scores, index)
-        return logits - self.presence_bias, valid if ready is None else valid & ready
+        """``(B, K)`` presence logits of tokens ``f`` at presence block ``index`` and the
+        ``(K,)`` mask of the classes the gate acts on (a valid pivot and, with calibration,
+        statistics)."""
+        _, _, logits, gated = self._presence(f, index)
+        return logits, gated
 
-    def _calibrated(
-        self, scores: torch.Tensor, index: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``sharpness * (s - mid) / gap`` per class and the ``(K,)`` mask of classes that have
-        statistics (present and absent seen, positive gap; the others keep ``s``); without
-        calibration ``s`` and ``None`` (every class)."""
-        if not self.presence_calibration or index is None:
-            return scores, None
-        # A copy: extra_loss updates the statistics in place before the backward pass.
-        pos, neg = self.presence_stats[index].to(scores.dtype, copy=True).unbind(-1)
-        ready = self.presence_seen[index].all(-1) & (pos > neg)
-        gap = torch.where(ready, pos - neg, torch.ones_like(pos))
-        calibrated = self.presence_sharpness * (scores - (pos + neg) / 2) / gap
-        return torch.where(ready, calibrated, scores), ready
+    def _presence(self, f: torch.Tensor, index: int):
+        """Raw scores, valid pivots, calibrated logits and gated classes at block ``index``."""
+        scores, valid = self.presence_scores(f)
+        slot = self._presence_slot[index]
+        # A copy: the BCE indexes with the mask after extra_loss updated the pivots in place.
+        standard, gated = scores, valid.clone()
+        if self.presence_calibration:
+            # A copy: extra_loss updates the statistics in place before the backward pass.
+            pos, neg = self.presence_stats[slot].to(scores.dtype, copy=True).unbind(-1)
+            ready = self.presence_seen[slot].all(-1) & (pos > neg)
+            gap = torch.where(ready, pos - neg, torch.ones_like(pos))
+            standard = self.presence_sharpness * (scores - (pos + neg) / 2) / gap
+            gated = valid & ready
+        logits = standard * self.presence_scale[slot].exp() + self.presence_bias[slot]
+        return scores, valid, logits, gated
 
     def token_log_presence(
-        self, f: torch.Tensor, index: int | None = None, hw: tuple[int, int] | None = None
-    ) -> torch.Tensor | None:
+        self, f: torch.Tensor, index: int, hw: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """``log rho~`` per token ``(B, M)``: 0 for null/generic tokens and ungated classes."""
-        if str(f.shape[-1]) not in self.pivot_banks:
-            return None
-        scores, valid = self.presence_scores(f)
-        if self.presence_calibration and index is not None:
-            # The labels arrive later (extra_loss / init_pivots), which update the statistics.
-            self._presence_cache[index] = (scores.detach().float(), valid.clone(), hw)
-        logits, ready = self._calibrated(scores, index)
-        logits = logits - self.presence_bias
-        if ready is not None:
-            valid = valid & ready
-        log_rho = F.logsigmoid(logits) * valid.to(logits.dtype)  # (B, K)
+        scores, valid, logits, gated = self._presence(f, index)
+        # The labels arrive later (extra_loss / init_pivots): statistics and BCE are done there.
+        self._presence_cache[index] = (scores.detach().float(), valid.clone(), hw, logits, gated)
+        log_rho = F.logsigmoid(logits) * gated.to(logits.dtype)  # (B, K)
         log_rho = torch.cat([log_rho, log_rho.new_zeros(log_rho.shape[0], 1)], dim=1)
         columns = self.token_class % (self.num_classes + 1)  # -1 -> the zero column
         return log_rho[:, columns]
@@ -352,8 +419,14 @@ class DPFT(TokenMethod):
 
         return classes_of
 
+    def _present(self, classes: torch.Tensor) -> torch.Tensor:
+        """``(B, K)``: the class has at least one token in the image (``classes (B, N)``)."""
+        ids = torch.arange(self.num_classes, device=classes.device)
+        return (classes[..., None] == ids).any(1)
+
     def extra_loss(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Pivot loss (and the optional prompt penalty); then one EMA step of the pivots."""
+        """Pivot loss, presence BCE (training only) and the optional prompt penalty; then one
+        EMA step of the pivots and the presence statistics (training only)."""
         losses: dict[str, torch.Tensor] = {}
         strides = self.backbone.block_strides()
         classes_of = self._classes_memo(labels)
@@ -372,6 +445,8 @@ class DPFT(TokenMethod):
                     pivot_info_nce(anchors, anchor_classes, bank.pivots, bank.valid, self.pivot_tau)
                 )
             losses["loss_pivot"] = self.pivot_weight * torch.stack(terms).mean()
+        if self.training and self.presence_weight > 0 and self._presence_cache:
+            losses["loss_presence"] = self.presence_weight * self._presence_bce(classes_of)
         if self.ortho_weight > 0 and self.class_prompts:
             losses["loss_prompt_ortho"] = self.ortho_weight * self.prompt_orthogonality()
         if self.training and self.presence_calibration:
@@ -385,6 +460,23 @@ class DPFT(TokenMethod):
         self._presence_cache.clear()
         return losses
 
+    def _presence_bce(self, classes_of) -> torch.Tensor:
+        """Mean over presence blocks of the BCE between the gated classes' presence logits and
+        whether each class has a token in the image; a zero of the graph while none is gated."""
+        strides = self.backbone.block_strides()
+        terms = []
+        for index, (_, _, hw, logits, gated) in sorted(self._presence_cache.items()):
+            if gated.any():
+                present = self._present(classes_of(hw, strides[index]))
+                terms.append(
+                    F.binary_cross_entropy_with_logits(
+                        logits[:, gated].float(), present[:, gated].float()
+                    )
+                )
+        if not terms:
+            return self.presence_bias.sum() * 0.0
+        return torch.stack(terms).mean()
+
     @torch.no_grad()
     def _update_presence_stats(self, classes_of, momentum: float | None) -> None:
         """Move each cached block's per-class present / absent mean scores toward this batch's.
@@ -395,10 +487,9 @@ class DPFT(TokenMethod):
         (warm-up); otherwise an EMA, started by the first measurement.
         """
         strides = self.backbone.block_strides()
-        for index, (scores, valid, hw) in sorted(self._presence_cache.items()):
-            classes = classes_of(hw, strides[index])  # (B, N)
-            ids = torch.arange(self.num_classes, device=classes.device)
-            present = (classes[..., None] == ids).any(1) & valid[None]  # (B, K)
+        for index, (scores, valid, hw, _, _) in sorted(self._presence_cache.items()):
+            slot = self._presence_slot[index]
+            present = self._present(classes_of(hw, strides[index])) & valid[None]  # (B, K)
             absent = ~present & valid[None]
             # (K, 4): sums and counts of present and absent scores, added over processes.
             stats = torch.stack(
@@ -415,23 +506,23 @@ class DPFT(TokenMethod):
             sums, counts = stats[:, 0::2], stats[:, 1::2]  # (K, 2): present, absent
             measured = counts > 0
             mean = sums / counts.clamp_min(1)
-            seen = self.presence_seen[index]
+            seen = self.presence_seen[slot]
             if momentum is None:
                 done = self._calibration_counts.setdefault(index, torch.zeros_like(counts))
                 m = done / (done + 1)
                 done += measured.to(done.dtype)
             else:
                 m = torch.where(seen, momentum, 0.0)
-            old = self.presence_stats[index]
-            self.presence_stats[index] = torch.where(measured, m * old + (1 - m) * mean, old)
-            self.presence_seen[index] = seen | measured
+            old = self.presence_stats[slot]
+            self.presence_stats[slot] = torch.where(measured, m * old + (1 - m) * mean, old)
+            self.presence_seen[slot] = seen | measured
 
     def prompt_orthogonality(self) -> torch.Tensor:
         """Mean squared cosine between different classes' mean prompts, averaged over blocks."""
         k, p = self.num_classes, self.per_class
         off_diagonal = ~torch.eye(k, dtype=torch.bool, device=self.token_class.device)
         terms = []
-        for i in range(self.backbone.num_blocks):
+        for i in self.token_blocks:
             class_tokens = self.layer_tokens(i)[1 : 1 + k * p]
             means = F.normalize(class_tokens.view(k, p, -1).mean(1), dim=-1)
             terms.append((means @ means.T)[off_diagonal].pow(2).mean())
@@ -490,12 +581,24 @@ class DPFT(TokenMethod):
         means over all warm-up batches) and presence calibration (their running mean)."""
         self.init_pivots(labels)
 
+    def adaptable_parameters(self):
+        # SPL mode (pivotseg.tasks.adapt): the small dynamic parts, i.e. the prompt bank E_l,
+        # the context MLP U and the per-layer gamma; W_q/W_k, the MLPs and the presence
+        # calibration stay as trained.
+        return self.named_with_prefix("tokens_", "context.", "gamma")
+
+    def cached_pivot_tokens(self) -> dict[int, tuple[torch.Tensor, tuple[int, int], int]]:
+        """Width -> (pivot-block tokens ``(B, N, c)`` before its PFF update, token grid, block)
+        of the last forward; SPL mode moves the pivots toward target features with them."""
+        return dict(self._pivot_cache)
+
     def param_group_rules(self) -> list[Rule]:
-        # Rein's recipe extended: no decay on prompts, per-layer scales and the presence bias.
+        # Rein's recipe extended: no decay on prompts and per-layer scales; the presence
+        # calibration neither decays nor waits for the slow base rate (PRESENCE_LR_MULT).
         return [
             ("tuning.tokens_", dict(NO_DECAY)),
             ("tuning.gamma", dict(NO_DECAY)),
-            ("tuning.presence_bias", dict(NO_DECAY)),
+            ("tuning.presence_", {"lr_mult": PRESENCE_LR_MULT, "decay_mult": 0.0}),
         ]
 
 
@@ -504,3 +607,14 @@ def _zero_output_mlp(dim: int, hidden: int) -> nn.Sequential:
     nn.init.zeros_(mlp[2].weight)
     nn.init.zeros_(mlp[2].bias)
     return mlp
+
+
+def _resolve_blocks(blocks, num_blocks: int, setting: str) -> list[int]:
+    """Sorted distinct block indices; negative ones count from the end."""
+    listed = isinstance(blocks, (list, tuple)) and all(isinstance(i, int) for i in blocks)
+    if not listed or not blocks or any(not -num_blocks <= i < num_blocks for i in blocks):
+        raise ConfigError(
+            f"dpft: {setting} {blocks!r} must be a list of blocks in [-{num_blocks}, "
+            f"{num_blocks - 1}] (the backbone has {num_blocks}); fix it or leave it unset"
+        )
+    return sorted({i % num_blocks for i in blocks})

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pivotseg.backbones.base import Backbone
-from pivotseg.tuning.base import Rule, TuningMethod
+from pivotseg.tuning.base import TUNING_PREFIX, Rule, TuningMethod
 
 NO_DECAY = {"lr_mult": 1.0, "decay_mult": 0.0}
 
@@ -62,9 +62,19 @@ class TokenMethod(TuningMethod):
     :meth:`update` (the per-block feature refinement).
     """
 
-    def build_tokens(self, num_tokens: int, rank: int, query_dim: int, link_queries: bool) -> None:
+    def build_tokens(
+        self,
+        num_tokens: int,
+        rank: int,
+        query_dim: int,
+        link_queries: bool,
+        blocks: list[int] | None = None,
+    ) -> None:
+        """Tokens, MLPs and query link for ``blocks`` (sorted block indices; None = all)."""
         self.require_blocks()
-        dims = self.backbone.block_dims
+        self.token_blocks = list(range(self.backbone.num_blocks)) if blocks is None else blocks
+        self._token_slot = {block: slot for slot, block in enumerate(self.token_blocks)}
+        dims = [self.backbone.block_dims[i] for i in self.token_blocks]
         self.num_tokens = num_tokens
         self.widths = distinct(dims)
         self.tokens_a = nn.ParameterList(nn.Parameter(torch.empty(num_tokens, rank)) for _ in dims)
@@ -82,13 +92,20 @@ class TokenMethod(TuningMethod):
             self.merge = nn.Linear(3 * query_dim, query_dim)
             self.num_queries = num_tokens
 
+    def named_with_prefix(self, *prefixes: str):
+        """``(full name, parameter)`` of this method's parameters whose names start so."""
+        for name, param in self.named_parameters():
+            if name.startswith(prefixes):
+                yield TUNING_PREFIX + name, param
+
     def layer_tokens(self, index: int) -> torch.Tensor:
-        """``T_i = A_i B_i``, ``(m, c)``."""
-        return self.tokens_a[index] @ self.tokens_b[index]
+        """``T_i = A_i B_i``, ``(m, c)``, of block ``index`` (one of :attr:`token_blocks`)."""
+        slot = self._token_slot[index]
+        return self.tokens_a[slot] @ self.tokens_b[slot]
 
     def attach(self, backbone: Backbone) -> None:
         backbone.freeze()
-        for i in range(backbone.num_blocks):
+        for i in self.token_blocks:
             self.add_hook(i, partial(self._hook, i))
 
     def _hook(self, index: int, tokens: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -102,7 +119,7 @@ class TokenMethod(TuningMethod):
             return None
         dims = self.backbone.block_dims
         per_layer = torch.stack(
-            [self.transform[str(c)](self.layer_tokens(i)) for i, c in enumerate(dims)], dim=-1
+            [self.transform[str(dims[i])](self.layer_tokens(i)) for i in self.token_blocks], dim=-1
         )  # (m, q, L)
         pooled = torch.stack(
             [per_layer.amax(-1), per_layer.mean(-1), per_layer[..., -1]], dim=-1
@@ -159,3 +176,8 @@ class Rein(TokenMethod):
     def param_group_rules(self) -> list[Rule]:
         # Rein's recipe: no decay on the learnable tokens and on the scale.
         return [("tuning.tokens_", dict(NO_DECAY)), ("tuning.scale", dict(NO_DECAY))]
+
+    def adaptable_parameters(self):
+        # Test-time self-training: the tokens and the scale decide how features are refined;
+        # the shared MLPs and the query link stay as trained on the source.
+        return self.named_with_prefix("tokens_", "scale")

@@ -2,7 +2,9 @@
 
 Each (method, seed) run is an ordinary training run (``pivotseg train`` with overrides) started
 in a child process, so that its peak memory is its own and a crash or Ctrl-C loses only that
-run: finished runs are found again and skipped when the benchmark is started once more.
+run: finished runs are found again and skipped when the benchmark is started once more, and
+interrupted ones are resumed (:mod:`pivotseg.tasks.dgss.bench_runs` says when a run found again
+is reused, resumed, started again or set aside).
 Model selection uses the source-side validation split only; targets are reported, never used
 to choose anything.
 
@@ -32,9 +34,15 @@ from pivotseg.config import (
     config_to_dict,
     load_config,
 )
-from pivotseg.errors import ConfigError
+from pivotseg.data.from_spec import spec_root
+from pivotseg.errors import ConfigError, PivotsegError
+from pivotseg.evaluation.paired import PairedDifference, paired_difference
+from pivotseg.tasks.dgss import bench_runs
 
 DEFAULT_METHODS = ("frozen", "full", "lora", "rein", "dpft")
+# Targets with fewer frames are smoke checks: their own columns, outside the headline mean (one
+# Cityscapes frame would move the mean by its own noise).
+HEADLINE_MIN_FRAMES = 100
 
 
 @dataclass
@@ -63,6 +71,10 @@ class BenchPlan:
     overrides: list[str] = field(default_factory=list)
     # Rows may be variants of one method: label -> (tuning method, its arguments).
     variants: dict[str, tuple[str, dict]] = field(default_factory=dict)
+    # Evaluate on this many evenly spaced frames per dataset (``--quick``); None = all.
+    eval_frames: int | None = None
+    # Runs found in out_dir with other settings: move them aside and train again (else refuse).
+    rerun: bool = False
     # Rows may bring their own model: label -> a ``model:`` section replacing the base's
     # (method and head included); data, budget, seeds and targets stay the base's.
     models: dict[str, dict] = field(default_factory=dict)
@@ -104,20 +116,39 @@ def load_row_model(path: str | Path, label: str = "row") -> dict:
     return config_to_dict(cfg)["model"]
 
 
-def _child_main(config: str, overrides: list[str], result_file: str) -> None:
-    """Run inside the child: train, then write peak memory next to the run's metrics."""
+def _child_main(config: str, overrides: list[str], result_file: str, options: dict) -> int:
+    """Run inside the child: train (``options``: resume, overwrite, eval_frames), then write
+    peak memory next to the run's metrics. Returns the exit code; errors are one line."""
     import resource
 
     import torch
 
+    from pivotseg.engine import TrainingStopped
     from pivotseg.tasks.dgss.train import train
 
-    cfg = load_config(config, overrides)
-    run_dir = train(cfg)
+    try:
+        cfg = load_config(config, overrides)
+        resume = cfg.run_dir if options["resume"] else None
+        run_dir = train(
+            cfg, resume=resume, overwrite=options["overwrite"], eval_frames=options["eval_frames"]
+        )
+    except TrainingStopped as stop:
+        print(f"pivotseg: {stop}", file=sys.stderr)
+        return 130
+    except PivotsegError as err:
+        print(f"pivotseg: error: {err}", file=sys.stderr)
+        return 2
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     if torch.cuda.is_available():
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    Path(result_file).write_text(json.dumps({"run_dir": str(run_dir), "peak_memory_mb": peak_mb}))
+    info = {
+        "run_dir": str(run_dir),
+        "peak_memory_mb": peak_mb,  # of this process: after a resume, of the resumed part
+        "resumed": bool(options["resume"]),
+        "eval_frames": options["eval_frames"],
+    }
+    Path(result_file).write_text(json.dumps(info))
+    return 0
 
 
 def _yaml_value(value) -> str:
@@ -163,24 +194,50 @@ def _trainable_count(cfg: RunConfig) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def _run_dir(plan: BenchPlan, label: str, seed: int) -> Path:
+    return plan.out_dir / _slug(label) / f"seed{seed}"
+
+
+def _run_state(plan: BenchPlan, label: str, seed: int) -> tuple[str, str]:
+    run_dir = _run_dir(plan, label, seed)
+    wanted = load_config(plan.config, _overrides_for(plan, label, seed, run_dir))
+    return bench_runs.run_state(run_dir, wanted, plan.eval_frames)
+
+
 def run_one(plan: BenchPlan, method: str, seed: int) -> RunResult:
-    run_dir = plan.out_dir / _slug(method) / f"seed{seed}"
+    """The result of row ``method`` with ``seed``: reused, resumed or trained (in a child
+    process) as :mod:`~pivotseg.tasks.dgss.bench_runs` describes."""
+    run_dir = _run_dir(plan, method, seed)
     result_file = run_dir / "bench.json"
     overrides = _overrides_for(plan, method, seed, run_dir)
-    if not result_file.is_file():
-        if run_dir.exists():
-            # An unfinished run: start it again from scratch (its folder would refuse a new run).
-            import shutil
-
-            shutil.rmtree(run_dir)
+    state, changes = _run_state(plan, method, seed)
+    if state == bench_runs.CHANGED:
+        if not plan.rerun:
+            raise ConfigError(bench_runs.changed_message([(run_dir, changes)], plan.out_dir))
+        aside = bench_runs.move_aside(run_dir)
+        print(f"bench dg: {run_dir} had other settings ({changes}); moved to {aside}", flush=True)
+        state = bench_runs.NEW
+    if state == bench_runs.RESUME:
+        print(f"bench dg: resuming the interrupted run in {run_dir}", flush=True)
+    elif state == bench_runs.RESTART:
+        print(
+            f"bench dg: {run_dir} holds no checkpoint to resume; training it again there (run "
+            "files replaced, other files kept)",
+            flush=True,
+        )
+    if state != bench_runs.FINISHED:
+        options = {
+            "resume": state == bench_runs.RESUME,
+            "overwrite": state == bench_runs.RESTART,
+            "eval_frames": plan.eval_frames,
+        }
         code = (
             "import sys, json; from pivotseg.tasks.dgss.benchmark import _child_main; "
-            "_child_main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])"
+            "sys.exit(_child_main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], "
+            "json.loads(sys.argv[4])))"
         )
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run(
-            [sys.executable, "-c", code, str(plan.config), json.dumps(overrides), str(result_file)]
-        )
+        args = [str(plan.config), json.dumps(overrides), str(result_file), json.dumps(options)]
+        proc = subprocess.run([sys.executable, "-c", code, *args])
         if proc.returncode != 0:
             raise ConfigError(
                 f"bench dg: the {method} run with seed {seed} failed (exit {proc.returncode}); "
@@ -205,11 +262,11 @@ def run_one(plan: BenchPlan, method: str, seed: int) -> RunResult:
 
 
 def _slug(label: str) -> str:
-    """A folder name for a row label (``+focus gate`` -> ``plus_focus_gate``, ``famix (random
-    RN50)`` -> ``famix_random_RN50``)."""
+    """One safe folder name for a row label (``+focus gate`` -> ``plus_focus_gate``, ``famix
+    (random RN50)`` -> ``famix_random_RN50``): no separator, no leading dot, never ``..``."""
     text = label.replace("+", "plus ").strip()
-    slug = "".join(c if c.isalnum() or c in "-._" else "_" for c in text)
-    return re.sub("_+", "_", slug).strip("_") or "run"
+    slug = "".join(c if c.isascii() and (c.isalnum() or c in "-._") else "_" for c in text)
+    return re.sub("_+", "_", slug).lstrip("._").rstrip("_")[:100] or "run"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -219,18 +276,41 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def summarise(results: list[RunResult]) -> dict:
-    """Per method: mean and standard deviation over seeds of every reported number."""
+def _mean_of(values: dict[str, float], names: list[str]) -> float:
+    finite = [values[n] for n in names if values[n] is not None and not math.isnan(values[n])]
+    return statistics.fmean(finite) if finite else float("nan")
+
+
+def summarise(
+    results: list[RunResult],
+    frames: dict[str, int] | None = None,
+    min_frames: int = HEADLINE_MIN_FRAMES,
+) -> dict:
+    """Per row: mean and standard deviation over seeds of every reported number.
+
+    ``mean`` (over seeds) and ``per_seed_mean`` are the headline: per seed, the mean mIoU over
+    the targets of at least ``min_frames`` frames (``frames``: target -> frame count, from its
+    dataset). Smaller targets, and any whose count is unknown, are ``smoke_targets``: reported
+    in their own columns, outside the mean. Without ``frames`` every target counts.
+    """
     summary: dict[str, dict] = {}
     for method in dict.fromkeys(r.method for r in results):
         runs = [r for r in results if r.method == method]
         targets = list(runs[0].targets)
+        counts = {t: (frames or {}).get(t) for t in targets}
+        headline = [t for t in targets if frames is None or (counts[t] or 0) >= min_frames]
+        per_seed_mean = [_mean_of(r.targets, headline) for r in runs]
         summary[method] = {
             "seeds": [r.seed for r in runs],
             "val": _mean_std([r.val_miou for r in runs]),
+            "per_seed_val": [r.val_miou for r in runs],
             "targets": {t: _mean_std([r.targets[t] for r in runs]) for t in targets},
-            "mean": _mean_std([r.mean_miou for r in runs]),
-            "per_seed_mean": [r.mean_miou for r in runs],
+            "frames": counts,
+            "min_frames": None if frames is None else min_frames,
+            "headline_targets": headline,
+            "smoke_targets": [t for t in targets if t not in headline],
+            "mean": _mean_std(per_seed_mean),
+            "per_seed_mean": per_seed_mean,
             "per_class": {
                 t: [
                     _mean_std([r.per_class[t][k] for r in runs])[0]
@@ -245,28 +325,129 @@ def summarise(results: list[RunResult]) -> dict:
     return summary
 
 
+def default_pairs(summary: dict, reference: str = "dpft") -> list[tuple[str, str]]:
+    """``reference`` against every other row (none when it is not a row)."""
+    if reference not in summary:
+        return []
+    return [(reference, m) for m in summary if m != reference]
+
+
+def paired_rows(
+    summary: dict, pairs: list[tuple[str, str]]
+) -> list[tuple[str, str, str, PairedDifference]]:
+    """``(a, b, metric, difference)`` of ``a − b`` per seed, for the headline mean of targets
+    and for source val, for each pair of rows."""
+    rows = []
+    for a, b in pairs:
+        for metric, key in (("targets", "per_seed_mean"), ("source val", "per_seed_val")):
+            per_seed = [dict(zip(summary[m]["seeds"], summary[m][key])) for m in (a, b)]
+            rows.append((a, b, metric, paired_difference(*per_seed)))
+    return rows
+
+
 def _fmt(pair: tuple[float, float]) -> str:
     mean, std = pair
     return "n/a" if math.isnan(mean) else f"{mean:.1f} ± {std:.1f}"
 
 
-def format_tables(summary: dict, class_names: dict[str, list[str]]) -> str:
-    """Markdown: the main table (mIoU per target, mean, cost) and per-class IoU per target."""
+def _frames_text(n: int | None) -> str:
+    return "frames unknown" if n is None else f"{n} frame" + ("" if n == 1 else "s")
+
+
+def headline_label(row: dict) -> str:
+    """The headline column's name: which targets its mean covers."""
+    if row["min_frames"] is None:
+        return "mean of targets"
+    return f"mean of targets ≥ {row['min_frames']} frames"
+
+
+def _target_column(row: dict, target: str) -> str:
+    if row["min_frames"] is None:
+        return target
+    smoke = ", smoke check" if target in row["smoke_targets"] else ""
+    return f"{target} ({_frames_text(row['frames'][target])}{smoke})"
+
+
+def smoke_note(row: dict) -> str:
+    """A sentence naming the smoke-check targets and why they are outside the mean."""
+    if not row["smoke_targets"]:
+        return ""
+    listed = ", ".join(f"{t} ({_frames_text(row['frames'][t])})" for t in row["smoke_targets"])
+    if not row["headline_targets"]:
+        return (
+            f"No target has {row['min_frames']} frames or more, so there is no headline mean; "
+            f"every target is a smoke check: {listed}."
+        )
+    return (
+        f"Smoke checks, outside the mean of targets (under {row['min_frames']} frames): "
+        f"{listed}. Their columns say that the model runs on them, not how well it generalises."
+    )
+
+
+def _signed(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:+.1f}"
+
+
+PAIRED_INTRO = (
+    "Paired differences (row minus row, seed by seed: one seed gives every row the same data "
+    "order, augmentations and head initialisation). The interval is the 95 % Student-t "
+    "interval of the mean difference over the seeds; when it contains 0, these seeds do not "
+    "show a difference either way."
+)
+
+
+def format_paired(summary: dict, pairs: list[tuple[str, str]], intro: bool = True) -> str:
+    """Markdown: per-seed differences between rows, their mean and 95 % interval, in words."""
+    rows = paired_rows(summary, pairs)
+    if not rows:
+        return ""
+    label = headline_label(summary[rows[0][0]])
+    lines = [
+        "| comparison | metric | per seed (seed: difference) | mean | 95 % interval | reading |",
+        "|" + "---|" * 6,
+    ]
+    for a, b, metric, d in rows:
+        per_seed = ", ".join(f"{s}: {_signed(v)}" for s, v in zip(d.seeds, d.diffs)) or "–"
+        interval = "–" if math.isnan(d.low) else f"[{_signed(d.low)}, {_signed(d.high)}]"
+        name = label if metric == "targets" else metric
+        cells = [f"{a} − {b}", name, per_seed, _signed(d.mean), interval, d.verdict(a, b)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return (PAIRED_INTRO + "\n\n" if intro else "") + "\n".join(lines)
+
+
+def format_main_table(summary: dict, cost: bool = True) -> str:
+    """Markdown: source val, mIoU per target, the headline mean (mean ± std over seeds) and
+    trainable parameters, plus s/iter and peak memory with ``cost``."""
     methods = list(summary)
-    targets = list(summary[methods[0]]["targets"])
-    head = ["method", "source val", *targets, "mean of targets", "trainable", "s/iter", "peak MB"]
+    first = summary[methods[0]]
+    targets = list(first["targets"])
+    head = ["method", "source val", *(_target_column(first, t) for t in targets)]
+    head += [headline_label(first), "trainable"] + (["s/iter", "peak MB"] if cost else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         s = summary[m]
         cells = [m, _fmt(s["val"]), *(_fmt(s["targets"][t]) for t in targets), _fmt(s["mean"])]
-        cells += [f"{s['trainable'] / 1e6:.2f}M", f"{s['sec_per_iter']:.2f}"]
-        cells += [f"{s['peak_memory_mb']:.0f}"]
+        cells.append(f"{s['trainable'] / 1e6:.2f}M")
+        if cost:
+            cells += [f"{s['sec_per_iter']:.2f}", f"{s['peak_memory_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    out = ["\n".join(lines)]
+    return "\n".join(lines)
+
+
+def format_tables(
+    summary: dict,
+    class_names: dict[str, list[str]],
+    pairs: list[tuple[str, str]] | None = None,
+) -> str:
+    """Markdown: the main table (mIoU per target, headline mean, cost), the smoke-check note,
+    the paired differences (default: DPFT against every other row) and per-class IoU."""
+    methods = list(summary)
+    first = summary[methods[0]]
+    targets = list(first["targets"])
+    out = [format_main_table(summary), smoke_note(first)]
+    out.append(format_paired(summary, default_pairs(summary) if pairs is None else pairs))
     for t in targets:
-        names = class_names.get(t) or [
-            str(k) for k in range(len(summary[methods[0]]["per_class"][t]))
-        ]
+        names = class_names.get(t) or [str(k) for k in range(len(first["per_class"][t]))]
         rows = ["| method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
         for m in methods:
             vals = summary[m]["per_class"][t]
@@ -278,7 +459,7 @@ def format_tables(summary: dict, class_names: dict[str, list[str]]) -> str:
         out.append(
             f"Per-class IoU on {t} (mean over seeds; – = class absent):\n\n" + "\n".join(rows)
         )
-    return "\n\n".join(out)
+    return "\n\n".join(part for part in out if part)
 
 
 def bar_chart(summary: dict, path: Path) -> Path | None:
@@ -291,14 +472,17 @@ def bar_chart(summary: dict, path: Path) -> Path | None:
     except ImportError:
         return None
     methods = list(summary)
-    groups = [*summary[methods[0]]["targets"], "mean"]
+    first = summary[methods[0]]
+    targets = list(first["targets"])
+    labels = [_target_column(first, t).replace(" (", "\n(", 1) for t in targets]
+    labels.append(headline_label(first).replace("mean of targets", "mean of targets\n", 1))
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(4 + 1.6 * len(groups), 4))
+    fig, ax = plt.subplots(figsize=(4 + 1.6 * len(labels), 4.4))
     for i, m in enumerate(methods):
-        pairs = [summary[m]["targets"][g] for g in groups[:-1]] + [summary[m]["mean"]]
-        xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
+        pairs = [summary[m]["targets"][t] for t in targets] + [summary[m]["mean"]]
+        xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(labels))]
         ax.bar(xs, [p[0] for p in pairs], width, yerr=[p[1] for p in pairs], label=m, capsize=2)
-    ax.set_xticks(range(len(groups)), groups)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("mIoU (%)")
     # Beside the axes: with many rows an inside legend hides bars.
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -318,19 +502,31 @@ def run_benchmark(plan: BenchPlan) -> dict:
     if len(set(labels)) != len(labels):
         twice = sorted({m for m in labels if labels.count(m) > 1})
         raise ConfigError(f"bench dg: row {twice[0]!r} is given twice; give each label once")
+    if not plan.seeds or len(set(plan.seeds)) != len(plan.seeds):
+        raise ConfigError(f"bench dg: seeds {plan.seeds}: give one or more, each once")
     for label in plan.models:
         if label not in labels:
             raise ConfigError(f"bench dg: row {label!r} has a model but is not in the rows")
         # Fail before any training on a model section the base's data cannot take.
-        seed = plan.seeds[0] if plan.seeds else 0
-        load_config(plan.config, _overrides_for(plan, label, seed, plan.out_dir))
+        load_config(plan.config, _overrides_for(plan, label, plan.seeds[0], plan.out_dir))
+    bench_runs.check_rows(labels, plan.models, plan.variants, _slug)
+    states = {(m, s): _run_state(plan, m, s) for m in labels for s in plan.seeds}
+    changed = [
+        (_run_dir(plan, *key), why)
+        for key, (state, why) in states.items()
+        if state == bench_runs.CHANGED
+    ]
+    if changed and not plan.rerun:
+        raise ConfigError(bench_runs.changed_message(changed, plan.out_dir))
     plan.out_dir.mkdir(parents=True, exist_ok=True)
+    for spec in plan.targets or base.data.targets:
+        spec_root(spec)  # adverse copies are written once, before any run is timed
     results = []
     for method in plan.methods:
         for seed in plan.seeds:
             print(f"bench dg: {method}, seed {seed}", flush=True)
             results.append(run_one(plan, method, seed))
-    summary = summarise(results)
+    summary = summarise(results, _evaluated_frames(base, plan))
     class_names = _target_class_names(base, plan, results)
     table = format_tables(summary, class_names)
     (plan.out_dir / "results.json").write_text(
@@ -338,6 +534,7 @@ def run_benchmark(plan: BenchPlan) -> dict:
             {
                 "config": config_to_dict(base),
                 "row_models": plan.models,
+                "eval_frames": plan.eval_frames,
                 "runs": [vars(r) for r in results],
                 "summary": summary,
             },
@@ -352,18 +549,43 @@ def run_benchmark(plan: BenchPlan) -> dict:
         "chart": chart,
         "out_dir": plan.out_dir,
         "runs": results,
+        "class_names": class_names,
     }
 
 
+def _evaluated_frames(base: RunConfig, plan: BenchPlan) -> dict[str, int]:
+    """Frames each target was scored on: fewer than it has with ``plan.eval_frames``."""
+    frames = _target_frames(base, plan)
+    if plan.eval_frames is None:
+        return frames
+    return {t: min(n, plan.eval_frames) for t, n in frames.items()}
+
+
 def _target_class_names(base: RunConfig, plan: BenchPlan, results) -> dict[str, list[str]]:
-    from pivotseg.data import build_dataset
+    from pivotseg.data.from_spec import dataset_from_spec
 
     specs = plan.targets or base.data.targets
     names = {}
     for spec in specs:
         try:
-            ds = build_dataset(spec.path, spec.format, spec.split, spec.domain, **spec.options)
+            ds = dataset_from_spec(spec)
             names[spec.label] = list(ds.classes)
         except Exception:  # names are cosmetic; the numbers are already computed
             continue
     return names
+
+
+def _target_frames(base: RunConfig, plan: BenchPlan) -> dict[str, int]:
+    """Frames per target, counted from its dataset; a target left out has an unknown count and
+    stays out of the headline mean."""
+    from pivotseg.data.from_spec import dataset_from_spec
+
+    specs = plan.targets or base.data.targets
+    frames = {}
+    for spec in specs:
+        try:
+            ds = dataset_from_spec(spec)
+        except (PivotsegError, OSError):
+            continue
+        frames[spec.label] = len(ds)
+    return frames

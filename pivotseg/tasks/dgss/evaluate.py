@@ -26,7 +26,9 @@ from pivotseg.config import DatasetSpec, EvalConfig, RunConfig, load_config
 from pivotseg.engine.checkpoint import resolve_checkpoint
 from pivotseg.engine.distributed import make_accelerator
 from pivotseg.engine.sampler import shard_indices
+from pivotseg.engine.workers import unwrap_worker_errors
 from pivotseg.errors import CheckpointError, ConfigError
+from pivotseg.outputs import check_output_file
 
 
 def infer_logits(model: nn.Module, images: torch.Tensor, eval_cfg: EvalConfig) -> torch.Tensor:
@@ -50,7 +52,7 @@ def open_eval_datasets(
     specs: Sequence[DatasetSpec], resize_short: int | None = None
 ) -> dict[str, object]:
     """``{label: dataset}`` with the evaluation transform of each spec (labels unique)."""
-    from pivotseg.data import build_dataset
+    from pivotseg.data.from_spec import dataset_from_spec
     from pivotseg.data.transforms import eval_transforms
 
     out = {}
@@ -61,14 +63,7 @@ def open_eval_datasets(
             raise ConfigError(
                 f"two evaluation datasets are both called {label!r}; give each a name"
             )
-        out[label] = build_dataset(
-            spec.path,
-            spec.format,
-            spec.split,
-            spec.domain,
-            transform=eval_transforms(short),
-            **spec.options,
-        )
+        out[label] = dataset_from_spec(spec, transform=eval_transforms(short))
     return out
 
 
@@ -90,10 +85,13 @@ class _TaxonomyBridge:
         missing = unmapped_classes(self.model_classes, self.data_classes)
         self.required = [c for c in self.data_classes if c not in missing]
         if not self.required:
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            ours = ", ".join(self.model_classes[:5]) + (", ..." if len(model_classes) > 5 else "")
             raise ConfigError(
-                f"{label}: none of its classes corresponds to the model's "
-                f"({', '.join(self.model_classes[:5])}, ...); evaluate on a dataset of the "
-                "model's taxonomy"
+                f"{label}: no class of the model ({ours}) maps to its classes "
+                f"{', '.join(missing[:10])}{more}; "
+                "evaluate on a dataset of the model's taxonomy or add the link to "
+                "pivotseg.data.taxonomy.TAXONOMY_LINKS"
             )
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor):
@@ -156,7 +154,7 @@ def evaluate_datasets(
             progress = tqdm(
                 loader, desc=f"eval {label}", leave=False, disable=not acc.is_main_process
             )
-            for batch in progress:
+            for batch in unwrap_worker_errors(progress):
                 images = batch["image"].to(device)
                 labels = batch["label"].to(device)
                 with acc.autocast():
@@ -247,10 +245,8 @@ def resolve_model_folder(path: str | Path) -> Path:
     path = Path(path)
     if (path / "segmenter.json").is_file():
         return path
-    try:
-        folder = resolve_checkpoint(path)
-    except CheckpointError:
-        folder = path
+    # Its message names the run's iter_* checkpoints when checkpoints/last is missing.
+    folder = resolve_checkpoint(path)
     if not (folder / "segmenter.json").is_file():
         raise CheckpointError(
             f"{path}: no segmenter.json; give a run folder or a checkpoint folder of one"
@@ -296,6 +292,8 @@ def evaluate(
     """
     from pivotseg.segmenter import load_segmenter
 
+    if output is not None:
+        check_output_file(output, "--json")  # before the work, not after it
     folder = resolve_model_folder(checkpoint_or_run)
     run_cfg = find_run_config(folder)
     specs = [DatasetSpec.from_string(t) if isinstance(t, str) else t for t in targets]
@@ -320,5 +318,6 @@ def evaluate(
         if verbose:
             print(format_table(record))
         if output is not None:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
             Path(output).write_text(json.dumps(record, indent=2))
     return record

@@ -11,6 +11,8 @@ import torch
 from pivotseg.config import RunConfig, config_differences, load_config, save_config
 from pivotseg.engine import Trainer, make_accelerator
 from pivotseg.engine.checkpoint import resolve_checkpoint
+from pivotseg.engine.distributed import all_gather_objects
+from pivotseg.engine.run_folder import RunClaim
 from pivotseg.errors import ConfigError
 from pivotseg.tasks.dgss.evaluate import evaluate_datasets, open_eval_datasets
 
@@ -30,47 +32,85 @@ def _set_deterministic() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def train(cfg: RunConfig, resume: str | Path | None = None, stop_at: int | None = None) -> Path:
+def train(
+    cfg: RunConfig,
+    resume: str | Path | None = None,
+    stop_at: int | None = None,
+    *,
+    overwrite: bool = False,
+    eval_frames: int | None = None,
+) -> Path:
     """Train ``cfg.model`` on ``cfg.data.source``; returns the run folder.
 
     Works on one CPU/GPU or, started by ``torchrun``, on several processes and nodes. The run
     folder gets ``config.yaml``, ``env.json``, ``metrics.jsonl`` and ``checkpoints/`` (each a
-    folder that :func:`pivotseg.segmenter.load_segmenter` opens).
+    folder that :func:`pivotseg.segmenter.load_segmenter` opens). One process at a time trains
+    in a folder (:class:`pivotseg.engine.run_folder.RunClaim`); a new run that fails before it
+    logged anything leaves the folder as it found it.
 
     Args:
         cfg: the run configuration.
         resume: a run folder (continues from ``checkpoints/last``) or a checkpoint folder.
         stop_at: stop with a checkpoint after this iteration (the schedule still spans
             ``cfg.train.iterations``), to fit a job into a time limit.
+        overwrite: start afresh in a ``cfg.run_dir`` that is not empty: the earlier run's
+            files are removed once set-up succeeded; other files there are kept.
+        eval_frames: evaluate on at most this many evenly spaced frames of each evaluation
+            dataset (smoke runs such as ``bench dg --quick``); ``None`` = all.
 
     Raises:
-        ConfigError: ``cfg.run_dir`` holds a run already (resume it or pick another folder), or
-            the data and the model disagree on the classes.
+        RunFolderBusy: another process trains in the folder (its pid, host and start named).
+        ConfigError: ``cfg.run_dir`` is not empty (resume it, pass ``overwrite`` or pick
+            another folder), or the data and the model disagree on the classes.
         NonFiniteLoss: the loss became NaN/inf.
         TrainingStopped: Ctrl-C or SIGTERM (a checkpoint was saved; the message says how to go
             on).
     """
-    from pivotseg.data import build_dataset, collate
-    from pivotseg.data.transforms import train_transforms
-    from pivotseg.segmenter import build_segmenter
-
     if cfg.data.source is None:
         raise ConfigError("data.source is not set; give the training dataset (path, format, split)")
+    if resume is not None and overwrite:
+        raise ConfigError("--overwrite starts a run afresh and --resume continues one; give one")
+    if eval_frames is not None and eval_frames < 1:
+        raise ConfigError(f"eval_frames={eval_frames}: give at least 1 (or None for all)")
     checkpoint = None
     if resume is not None:
         run_dir, checkpoint = run_folder_of(resume)
     else:
         run_dir = Path(cfg.run_dir or "runs/run")
-        if (run_dir / "checkpoints" / "last").exists():
-            raise ConfigError(
-                f"{run_dir}: holds a run already; continue it with --resume {run_dir} or set "
-                "run_dir=<another folder>"
-            )
     cfg.run_dir = str(run_dir)
     if cfg.deterministic:
         _set_deterministic()
 
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.find_unused_parameters)
+    claim = RunClaim(
+        run_dir, resume=resume is not None, overwrite=overwrite, active=accelerator.is_main_process
+    )
+    _start_on_every_process(claim)
+    with claim:
+        _train_in(cfg, run_dir, checkpoint, accelerator, claim, stop_at, eval_frames)
+    return run_dir
+
+
+def _start_on_every_process(claim: RunClaim) -> None:
+    """Lock and check the folder on the main process; its refusal stops every process."""
+    error = None
+    try:
+        claim.start()
+    except Exception as err:  # any failure: the other processes must not wait for this one
+        error = err
+    refusal = all_gather_objects(None if error is None else str(error))[0]
+    if error is not None:
+        raise error
+    if refusal is not None:
+        raise ConfigError(refusal)
+
+
+def _train_in(cfg, run_dir, checkpoint, accelerator, claim, stop_at, eval_frames) -> None:
+    from pivotseg.data import build_dataset, collate
+    from pivotseg.data.rare_classes import rare_class_sampling
+    from pivotseg.data.transforms import train_transforms
+    from pivotseg.segmenter import build_segmenter
+
     data = cfg.data
     transform = train_transforms(
         data.crop_size,
@@ -92,7 +132,7 @@ def train(cfg: RunConfig, resume: str | Path | None = None, stop_at: int | None 
     )
     _check_classes(cfg, train_set.classes)
     saved = run_dir / "config.yaml"
-    if resume is not None and saved.is_file():
+    if checkpoint is not None and saved.is_file():
         changed = [k for k in config_differences(load_config(saved), cfg) if k != "run_dir"]
         if changed:
             warnings.warn(
@@ -103,6 +143,9 @@ def train(cfg: RunConfig, resume: str | Path | None = None, stop_at: int | None 
 
     eval_specs = ([data.val] if data.val is not None else []) + list(data.targets)
     eval_sets = open_eval_datasets(eval_specs, data.eval_resize_short)
+    if eval_frames is not None:
+        for dataset in eval_sets.values():
+            dataset.samples = spread(dataset.samples, eval_frames)
     val_name = data.val.label if data.val is not None else None
 
     def evaluate(model, iteration):
@@ -116,8 +159,11 @@ def train(cfg: RunConfig, resume: str | Path | None = None, stop_at: int | None 
         )
 
     # The same seed on every process: identical initial weights (DDP also broadcasts them).
+    # Backbone, method and head get streams of their own, so that runs of one seed that differ
+    # only in the method start from the same head (paired comparisons in bench dg).
     torch.manual_seed(cfg.seed)
-    model = build_segmenter(cfg.model)
+    model = build_segmenter(cfg.model, seed=cfg.seed)
+    claim.clear_previous()  # only now: a failed set-up keeps the earlier run
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
     trainer = Trainer(
@@ -132,9 +178,16 @@ def train(cfg: RunConfig, resume: str | Path | None = None, stop_at: int | None 
         save_model=model.save,
         accelerator=accelerator,
         resume_hint=f"pivotseg train {run_dir / 'config.yaml'} --resume {run_dir}",
+        class_sampling=rare_class_sampling(train_set, data.rare_class_sampling, run_dir),
     )
     trainer.fit(resume=checkpoint, stop_at=stop_at)
-    return run_dir
+
+
+def spread(items: list, count: int) -> list:
+    """``count`` evenly spaced items of ``items`` (all of them if there are no more)."""
+    if len(items) <= count:
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
 
 
 def _check_classes(cfg: RunConfig, classes: list[str]) -> None:

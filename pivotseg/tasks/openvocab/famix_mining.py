@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pivotseg.backbones.hub import refuse_unsafe_options
 from pivotseg.errors import ConfigError
 from pivotseg.tasks.openvocab.templates import FAMIX_STYLES, resolve_templates
 
@@ -104,6 +105,7 @@ class MiningConfig:
             if key not in data:
                 raise ConfigError(f"{where}: {key!r} is required")
         cfg = cls(**data)
+        refuse_unsafe_options(cfg.backbone_config or {}, f"{where}: backbone_config")
         if not cfg.styles:
             raise ConfigError(f"{where}: styles is empty; list style names or leave it out")
         if not isinstance(cfg.dataset, dict) or "path" not in cfg.dataset:

@@ -242,13 +242,18 @@ def load_tokenizer(source: str | Path | None):
         return None
     from transformers import CLIPTokenizer
 
+    from pivotseg.backbones.hub import looks_like_hub_id, require_hub_file
+
     folder = Path(source)
     if folder.is_dir() and not any((folder / f).exists() for f in ("tokenizer.json", "vocab.json")):
         return None
+    if looks_like_hub_id(source):
+        require_hub_file(source, ("tokenizer.json", "vocab.json"), "CLIP tokenizer")
     try:
         return CLIPTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{source}: cannot load a CLIP tokenizer ({err})") from None
+        first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise ConfigError(f"{source}: cannot load a CLIP tokenizer ({first})") from None
 
 
 # ----- class names ---------------------------------------------------------------------------

@@ -85,7 +85,9 @@ def load_sam2_video(source: str, device: str = "cpu"):
     kind = sam_model_type(str(source))
     if kind not in ("sam2", "sam2_video"):
         raise ConfigError(f"{source}: holds a {kind!r} model; cav-sam needs a SAM2 checkpoint")
-    model, info = Sam2VideoModel.from_pretrained(str(source), output_loading_info=True)
+    from pivotseg.backbones.hub import safe_from_pretrained
+
+    model, info = safe_from_pretrained(Sam2VideoModel, source, output_loading_info=True)
     missing = sorted(info.get("missing_keys", []))
     if missing:
         raise CheckpointError(

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pivotseg.data.io import read_image as read_rgb
 from pivotseg.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -19,17 +20,11 @@ OVERLAY_COLOR = (255, 64, 32)
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """uint8 ``(H, W, 3)`` RGB, or a :class:`DataError` naming the file."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(
-            f"{path}: cannot read the image ({type(err).__name__}); is it an image file?"
-        ) from None
+    """uint8 ``(H, W, 3)`` RGB, or a :class:`DataError` naming the file (16-bit images included:
+    the datasets' reader, :func:`pivotseg.data.io.read_image`)."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such image file")
+    return read_rgb(path)
 
 
 def check_readable(path: str | Path) -> Path:

@@ -474,9 +474,13 @@ def sam_model_type(source: str) -> str:
     """``model_type`` of a transformers config (hub id or folder), or a one-line error."""
     from transformers import AutoConfig
 
+    from pivotseg.backbones.hub import looks_like_hub_id, source_error
+
     try:
         return AutoConfig.from_pretrained(source).model_type
     except (OSError, ValueError) as err:
+        if looks_like_hub_id(source):
+            raise source_error(source, err, "transformers SAM/SAM2 model") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"{source}: not a miniSAM/MobileSAM .safetensors file nor a readable transformers "
@@ -488,11 +492,13 @@ def load_transformers_sam(source: str):
     """``SamModel`` or ``Sam2Model`` (image part) from a hub id or folder."""
     from transformers import Sam2Model, SamModel
 
+    from pivotseg.backbones.hub import safe_from_pretrained
+
     kind = sam_model_type(source)
     if kind == "sam":
-        return SamModel.from_pretrained(source).eval()
+        return safe_from_pretrained(SamModel, source).eval()
     if kind in ("sam2", "sam2_video"):
-        return Sam2Model.from_pretrained(source).eval()
+        return safe_from_pretrained(Sam2Model, source).eval()
     raise CheckpointError(f"{source}: holds a {kind!r} model; expected a SAM or SAM2 checkpoint")
 
 

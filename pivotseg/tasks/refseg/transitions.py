@@ -106,7 +106,9 @@ class DiffusionTransition:
                 "the dbst transition needs the diffusers package (pip install diffusers) and a "
                 "Stable Diffusion checkpoint; or use --transition crossfade|concat"
             ) from None
-        self.pipe = StableDiffusionPipeline.from_pretrained(checkpoint).to(device)
+        # Safetensors only: a .bin fallback would unpickle files from the checkpoint folder.
+        pipe = StableDiffusionPipeline.from_pretrained(checkpoint, use_safetensors=True)
+        self.pipe = pipe.to(device)
         self.ddim = DDIMScheduler.from_config(self.pipe.scheduler.config)
         self.ddpm = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.prompt = prompt

@@ -1,0 +1,26 @@
+"""Test-time adaptation of a trained run to unlabelled target images (SPL mode and baselines).
+
+- :func:`adapt_run` (``pivotseg adapt RUN --images DIR --out NEW_RUN``): offline, a set of
+  target images; writes a new run folder that ``pivotseg eval`` / ``predict`` open unchanged.
+- :func:`adapt_stream` (``pivotseg predict RUN DIR --adapt``): online, predict each frame, then
+  update.
+- Methods (:class:`AdaptSettings`): ``spl`` (DPFT: mean-teacher self-training of the prompt
+  bank, U and gamma, class-balanced pseudo-labels, set pivots moved toward the target, pivot
+  loss, stochastic restore and reset on drift), ``selftrain`` (the same without pivots, e.g.
+  on Rein), ``tent`` (entropy minimisation of the normalisation layers' affine parameters).
+"""
+
+from pivotseg.tasks.adapt.adapter import build_adapter, resolve_method
+from pivotseg.tasks.adapt.offline import adapt_run
+from pivotseg.tasks.adapt.online import adapt_stream, stream_labeller
+from pivotseg.tasks.adapt.settings import ADAPT_METHODS, AdaptSettings
+
+__all__ = [
+    "ADAPT_METHODS",
+    "AdaptSettings",
+    "adapt_run",
+    "adapt_stream",
+    "build_adapter",
+    "resolve_method",
+    "stream_labeller",
+]

@@ -1,0 +1,70 @@
+"""Which adaptation a run's tuning method allows, and building it."""
+
+from __future__ import annotations
+
+from pivotseg.errors import ConfigError
+from pivotseg.segmenter import Segmenter
+from pivotseg.tasks.adapt.params import norm_affine_parameters
+from pivotseg.tasks.adapt.selftrain import SelfTrainer
+from pivotseg.tasks.adapt.settings import AdaptSettings
+from pivotseg.tasks.adapt.tent import Tent
+from pivotseg.tuning.base import TuningMethod
+
+
+def _has_pivots(model: Segmenter) -> bool:
+    tuning = model.tuning
+    return hasattr(tuning, "cached_pivot_tokens") and bool(getattr(tuning, "uses_pivots", False))
+
+
+def _declares_parameters(model: Segmenter) -> bool:
+    return any(True for _ in model.tuning.adaptable_parameters())
+
+
+def capabilities() -> str:
+    """Which tuning methods each adaptation accepts, for error messages."""
+    from pivotseg.tuning import METHODS
+
+    declared = [
+        name
+        for name, cls in METHODS.items()
+        if cls.adaptable_parameters is not TuningMethod.adaptable_parameters
+    ]
+    pivots = [name for name, cls in METHODS.items() if hasattr(cls, "cached_pivot_tokens")]
+    return (
+        f"spl adapts {', '.join(pivots)} runs with set pivots (presence_gating or pivot_loss "
+        f"on); selftrain adapts {', '.join(declared)} runs; tent adapts any run with "
+        "normalisation layers"
+    )
+
+
+def resolve_method(model: Segmenter, requested: str) -> str:
+    """The adaptation to run: ``requested``, or for ``auto`` the strongest the run allows.
+
+    Raises:
+        ConfigError: the run's tuning method cannot adapt that way (names the ones that can).
+    """
+    method = model.config.method
+    if requested == "auto":
+        if _has_pivots(model):
+            return "spl"
+        return "selftrain" if _declares_parameters(model) else "tent"
+    if requested == "spl" and not _has_pivots(model):
+        reason = "it has no set pivots"
+    elif requested == "selftrain" and not _declares_parameters(model):
+        reason = "it declares no adaptable parameters"
+    elif requested == "tent" and not norm_affine_parameters(model):
+        reason = "it has no normalisation layer"
+    else:
+        return requested
+    raise ConfigError(
+        f"a {method} run cannot adapt with {requested} ({reason}); {capabilities()}; pick "
+        "one of those (--method, or --adapt-method with predict)"
+    )
+
+
+def build_adapter(model: Segmenter, settings: AdaptSettings) -> SelfTrainer | Tent:
+    """The adapter of ``settings.method`` (``auto`` resolved) for ``model``."""
+    method = resolve_method(model, settings.method)
+    if method == "tent":
+        return Tent(model, settings)
+    return SelfTrainer(model, settings, pivots=method == "spl")

@@ -1,0 +1,108 @@
+"""Online adaptation while predicting: each frame (or small batch) is predicted, then the model
+takes one adaptation step on it, so a model deployed on a stream follows its conditions.
+
+The prediction of a frame is made before the step on that frame: the teacher's flip-averaged
+prediction for ``spl``/``selftrain`` (as CoTTA scores), the forward that computes the entropy
+for ``tent`` (as TENT's ``forward_and_adapt``). Frames are segmented whole (no sliding window),
+at the size ``size_for`` gives, and the labels brought back to the frame's size. No label is
+read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch.nn.functional as F
+
+from pivotseg.data.transforms import resize_image, scaled_size
+from pivotseg.segmenter import Segmenter
+from pivotseg.tasks.adapt.adapter import build_adapter
+from pivotseg.tasks.adapt.images import stack
+from pivotseg.tasks.adapt.params import only_these_require_grad
+from pivotseg.tasks.adapt.settings import AdaptSettings
+
+SizeFn = Callable[[int, int], tuple[int, int]]
+
+
+@dataclass
+class AdaptedFrame:
+    """One frame of the stream: its key, the image, the label map at its size, step stats."""
+
+    key: Hashable
+    image: np.ndarray
+    labels: np.ndarray
+    stats: dict
+
+
+def _batches(frames: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def adapt_stream(
+    model: Segmenter,
+    frames: Iterable[tuple[Hashable, np.ndarray]],
+    settings: AdaptSettings | None = None,
+    size_for: SizeFn | None = None,
+    **overrides,
+) -> Iterator[AdaptedFrame]:
+    """Predict each frame, then adapt on it.
+
+    Args:
+        model: the segmenter, on its device; it is adapted in place (the teacher is left in it
+            when the stream ends or the generator is closed).
+        frames: ``(key, uint8 (H, W, 3) RGB image)`` in stream order (e.g. file paths as keys).
+        settings: hyperparameters; ``overrides`` replace fields (``method``, ``batch_size``...).
+            ``steps`` is ignored: one step per batch of frames.
+        size_for: ``(h, w) -> (h', w')`` the size to segment a frame at; default:
+            ``settings.resize_short`` (keep-ratio), else the frame's own size.
+
+    Raises:
+        ConfigError: the model's tuning method cannot adapt that way.
+    """
+    settings = AdaptSettings.with_overrides(settings, **overrides)
+    if size_for is None and settings.resize_short is not None:
+
+        def size_for(h: int, w: int) -> tuple[int, int]:
+            return scaled_size(h, w, settings.resize_short)
+
+    adapter = build_adapter(model, settings)
+    device = model.pixel_mean.device
+    fill = model.pixel_mean.flatten()
+    try:
+        with only_these_require_grad(model, list(adapter.params.values())):
+            for batch in _batches(frames, settings.batch_size):
+                inputs = [
+                    image if size_for is None else resize_image(image, size_for(*image.shape[:2]))
+                    for _, image in batch
+                ]
+                pixels, valid = stack(inputs, fill, device)
+                probs, stats = adapter.step(pixels, valid)
+                for i, ((key, image), small) in enumerate(zip(batch, inputs)):
+                    p = probs[i : i + 1, :, : small.shape[0], : small.shape[1]]
+                    size = tuple(image.shape[:2])
+                    if tuple(p.shape[-2:]) != size:
+                        p = F.interpolate(p, size=size, mode="bilinear", align_corners=False)
+                    yield AdaptedFrame(key, image, p.argmax(1)[0].cpu().numpy(), stats)
+    finally:
+        adapter.finish()
+
+
+def stream_labeller(settings: AdaptSettings | None = None, **overrides):
+    """A ``labeller`` for :func:`pivotseg.tasks.dgss.predict`: ``(model, frames, size_for) ->
+    (path, image, labels)`` by :func:`adapt_stream` (``pivotseg predict --adapt``)."""
+    settings = AdaptSettings.with_overrides(settings, **overrides)
+
+    def labeller(model: Segmenter, frames, size_for: SizeFn | None):
+        for frame in adapt_stream(model, frames, settings, size_for=size_for):
+            yield frame.key, frame.image, frame.labels
+
+    return labeller

@@ -1,0 +1,118 @@
+"""Hyperparameters of test-time adaptation, with the reason for each default.
+
+Every default was fixed from the source side (the source recipe, the budget, the papers) before
+any target number was seen; none was tuned on target labels. docs/methods.md ("SPL mode")
+explains them at more length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from pivotseg.errors import ConfigError
+
+ADAPT_METHODS = ("auto", "spl", "selftrain", "tent")
+
+
+@dataclass
+class AdaptSettings:
+    """How to adapt a trained segmenter to unlabelled target images.
+
+    Attributes:
+        method: ``spl`` (DPFT: self-training of the dynamic parts plus set pivots moved toward
+            the target), ``selftrain`` (the same mean-teacher self-training, no pivots; any
+            method that declares ``adaptable_parameters``), ``tent`` (entropy minimisation of
+            the normalisation layers' affine parameters), or ``auto`` (spl for runs with set
+            pivots, else selftrain when the method declares adaptable parameters, else tent).
+        steps: optimiser steps (the budget); ``None``: one pass over the images.
+        batch_size: images per step (different sizes are padded and the padding ignored).
+        lr: Adam learning rate; 1e-4 is a tenth of the CPU recipes' source lr (a student at
+            5e-4 collapsed in the measurement of methods.md section 9).
+        teacher_momentum: EMA momentum of the mean teacher; 0.99 gives it a memory of about 100
+            steps, the size of our budgets (CoTTA's 0.999 suits its 40 x 400 steps and, over
+            100 steps, barely moves the teacher: methods.md measured no change).
+        restore_prob: per-element chance per step that a student parameter returns to its
+            source value (CoTTA's stochastic restore, p = 0.01).
+        class_fraction: class-balanced selection (CBST): each class keeps the most confident
+            ``class_fraction`` of the pixels the teacher gives it, so small classes get
+            pseudo-labels too (a global 0.9 threshold left them none).
+        confidence_floor: no pseudo-label below this teacher confidence, whatever the class.
+        threshold_momentum: the per-class thresholds are an EMA over steps (one batch of a
+            stream is too few pixels for a quantile of a rare class).
+        pivot_momentum: EMA momentum of the set pivots toward target class means (spl); 0.99
+            moves a pivot about 63% of the way in 100 updates.
+        pivot_min_tokens: a class updates its pivot from a batch only with at least this many
+            tokens of the pivot block confidently labelled with it (half a token's pixels).
+        collapse_ratio: reset to the source when the teacher's smoothed confidence falls below
+            this fraction of the source model's on the same images.
+        min_agreement: reset to the source when the smoothed share of pixels where teacher and
+            source model agree falls below this (real adaptation relabels far fewer pixels).
+        smoothing: EMA momentum of those two drift statistics.
+        resize_short: resize images to this short side first (default: the run's
+            ``data.eval_resize_short``, so adaptation sees images as evaluation does).
+        seed: image order and stochastic restore.
+    """
+
+    method: str = "auto"
+    steps: int | None = None
+    batch_size: int = 1
+    lr: float = 1e-4
+    teacher_momentum: float = 0.99
+    restore_prob: float = 0.01
+    class_fraction: float = 0.5
+    confidence_floor: float = 0.5
+    threshold_momentum: float = 0.9
+    pivot_momentum: float = 0.99
+    pivot_min_tokens: int = 4
+    collapse_ratio: float = 0.9
+    min_agreement: float = 0.5
+    smoothing: float = 0.9
+    resize_short: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in ADAPT_METHODS:
+            raise ConfigError(
+                f"adapt method {self.method!r}: use one of {', '.join(ADAPT_METHODS)}"
+            )
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps={self.steps}: give a positive number of steps")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size}: give at least 1")
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr}: give a positive learning rate")
+        for name in (
+            "teacher_momentum",
+            "restore_prob",
+            "class_fraction",
+            "confidence_floor",
+            "threshold_momentum",
+            "pivot_momentum",
+            "collapse_ratio",
+            "min_agreement",
+            "smoothing",
+        ):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name}={value}: give a value in [0, 1]")
+        if self.class_fraction == 0.0:
+            raise ConfigError("class_fraction=0 selects no pixel; give a value in (0, 1]")
+        if self.pivot_min_tokens < 1:
+            raise ConfigError(f"pivot_min_tokens={self.pivot_min_tokens}: give at least 1")
+        if self.resize_short is not None and self.resize_short < 1:
+            raise ConfigError(f"resize_short={self.resize_short}: give a positive size")
+
+    @classmethod
+    def with_overrides(cls, base: AdaptSettings | None = None, **overrides) -> AdaptSettings:
+        """``base`` (default settings when None) with the given fields replaced."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown adapt setting(s) {', '.join(unknown)}; known: {sorted(names)}"
+            )
+        data = asdict(base) if base is not None else {}
+        return cls(**{**data, **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
