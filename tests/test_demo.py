@@ -39,5 +39,5 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert len(overlays) == 4
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval"] for r in records if "eval" in r]
-    assert set(evals[-1]["targets"]) == {"camvid_seq05vd", "cityscapes", "carlascapes"}
+    assert set(evals[-1]["targets"]) == {"idd_lite", "seq05vd_adverse", "cityscapes", "carlascapes"}
     assert (run / "config.yaml").is_file() and (run / "env.json").is_file()

@@ -345,9 +345,10 @@ class DPFT(TokenMethod):
         values = F.pad(self.mlp_token2feat[key](tokens[..., 1:, :]), (0, 0, 1, 0))
         delta = attn @ values
         delta = self.mlp_delta_f[key](delta + f)
+        scale = self.gamma[self._token_slot[index]]
         if self.focus_gate:
-            delta = self.focus(attn) * delta
-        out = f + self.gamma[self._token_slot[index]] * delta
+            scale = scale * self.focus(attn)  # (B, N, 1): one pass over delta below, not two
+        out = torch.addcmul(f, scale, delta)
         if self.training and self.pivot_loss and index in self.pivot_layers:
             self._loss_cache[index] = (out, hw)
         return out

