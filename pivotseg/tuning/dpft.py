@@ -13,10 +13,10 @@ ablation grid (Rein -> +class-structured -> +rho gating -> +U(z) -> +focus gate 
 * **blocks** (``blocks``, ours): DPFT refines the deepest ``ceil(0.6 L)`` of the L blocks by
   default (TinyViT-5M: blocks 4-9 of 10; DINOv2-L: 9-23 of 24; ``blocks: all`` for every
   block). Training backpropagates from the head down to the first refined block, so it keeps
-  the activations of every frozen block after it; on the CPU protocol refining all 10 TinyViT
-  blocks cost 0.67x full fine-tuning's training memory and 1.2x the frozen segmenter's
-  inference, against the 0.6x / 1.1x budget of issue #12 (bench/methods.py). On source val
-  (seed 0) blocks 4-9 scored no lower than 2-9 or all blocks (docs/benchmarks.md);
+  the activations of every frozen block after it. On TinyViT every block costs 0.67x full
+  fine-tuning's training memory and 1.11x the frozen segmenter's inference, the default 0.55x
+  and 1.08x, against issue #12's 0.6x / 1.1x (bench/methods.py). What the skipped blocks are
+  worth in accuracy is the ablation row 'dpft, every block' (bench/dpft_ablation.py);
 * class presence (``presence_gating``), only in ``presence_blocks`` (default: the last
   refined block; elsewhere rho = 1)::
 
@@ -45,10 +45,11 @@ ablation grid (Rein -> +class-structured -> +rho gating -> +U(z) -> +focus gate 
     gated classes' logits and whether the class has a token in the crop, averaged over images,
     classes and presence blocks; computed in :meth:`DPFT.extra_loss` in training mode only. The
     scores are of detached features: the BCE trains the calibration, not the refinement (through
-    the features it made the gate separate worse and source val drop, seed 0). The statistics
-    alone go stale as the features train, and the bare score does not separate (tested on a
-    synthetic task); together they meet issue #12's bar in the last block on source val
-    (docs/benchmarks.md, "DPFT presence and focus gates");
+    the features it made the gate separate worse, seed 0, and source val lower, seeds 0 and 1).
+    The BCE sharpens the separation the statistics start from, and the bare score does not
+    separate (tested on a synthetic task); together they meet issue #12's bar in the last block
+    on source val, mostly through each class's prior (docs/benchmarks.md, "DPFT presence and
+    focus gates");
 
 * dynamic prompts (``dynamic_context``): ``T_l = E_l + rho~ * U(z_l)`` with ``z_l = mean_n f_n``
   and ``U`` a Linear ``c -> 64``, GELU, Linear ``64 -> c`` shared across blocks, its output layer
@@ -71,9 +72,8 @@ scale in place of Rein's single one: with ``attn_dim = c``, ``W_q = W_k = I`` an
 equal to Rein's scale it computes exactly Rein (tested). For cost, ``(f W_q)(T_l W_k)^T`` is
 computed as ``f (T_l W_k W_q^T)^T`` (W_q projects the M tokens, not the N patches) and the null
 token gets a zero value row instead of a slice of S. Measured on trained runs (bench/
-dpft_presence.py): g stays ~0.99 on almost every patch of the middle blocks and falls below 0.5
-on 5-49% of the patches of the last one or two; switched off, 0.1-1.4% of the pixels change
-class.
+dpft_presence.py): g stays ~0.99 on every patch but in the last refined block, where about half
+the patches have g < 0.5; switched off, about 1% of the pixels change class.
 
 **Set pivots** (:class:`~pivotseg.tuning.pivots.PivotBank`, non-learnable buffers ``(K, c)``):
 EMA (momentum 0.999) of the class means of the patch tokens of the pivot block (per width, the
@@ -81,10 +81,11 @@ last refined block of that width that a forward runs), over patches
 where >= 50% of the pixels carry the class; updated in :meth:`DPFT.extra_loss` (the labels arrive
 there) from tokens the hooks cached during the forward. Pivot tokens are the pivot block's output
 *before* its own PFF update, detached. **Warm-up** (``warmup_images``, default 0; methods.md's
-recipe and our GPU configs: 500): the engine runs that many augmented source images through the model without gradients before training and
-calls :meth:`DPFT.warm_up` after each batch, which sets the pivots to plain class means over
-all of them (:meth:`DPFT.init_pivots`) and the presence statistics to their running mean; with
-``warmup_images=0`` the first training batch that shows a class initialises its pivot.
+recipe and our GPU configs: 500): the engine runs that many augmented source images through the
+model without gradients before training and calls :meth:`DPFT.warm_up` after each batch, which
+sets the pivots to plain class means over all of them (:meth:`DPFT.init_pivots`) and the
+presence statistics to their running mean; with ``warmup_images=0`` the first training batch
+that shows a class initialises its pivot.
 
 **gamma_l init 0.3** (methods.md: 1e-3, Rein's scale init): chosen on source validation only
 (CPU protocol, 200 iterations; 1e-3 / 0.03 / 0.1 / 0.3 tried on seed 0, 0.3 on three seeds,
