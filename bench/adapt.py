@@ -48,10 +48,11 @@ from bench.report import machine, markdown_table, write_section  # noqa: E402
 from pivotseg.config import EvalConfig  # noqa: E402
 from pivotseg.data import build_dataset  # noqa: E402
 from pivotseg.data.transforms import eval_transforms  # noqa: E402
+from pivotseg.engine.checkpoint import resolve_model_folder  # noqa: E402
 from pivotseg.paths import shared_path  # noqa: E402
 from pivotseg.segmenter import load_segmenter  # noqa: E402
 from pivotseg.tasks.adapt import adapt_run, resolve_method  # noqa: E402
-from pivotseg.tasks.dgss.evaluate import evaluate_datasets, resolve_model_folder  # noqa: E402
+from pivotseg.tasks.dgss.evaluate import evaluate_datasets  # noqa: E402
 
 SOURCE_SHORT = 360  # CamVid day frames are 480x360
 

@@ -22,6 +22,7 @@ from pivotseg.backbones import build_backbone
 from pivotseg.cli.main import main
 from pivotseg.config import config_from_dict
 from pivotseg.engine import read_metrics
+from pivotseg.engine.checkpoint import resolve_model_folder
 from pivotseg.errors import ConfigError, DataError
 from pivotseg.segmenter import load_segmenter
 from pivotseg.tasks.adapt import AdaptSettings, adapt_run, adapt_stream, build_adapter
@@ -33,7 +34,6 @@ from pivotseg.tasks.adapt.selftrain import (
     move_pivots,
 )
 from pivotseg.tasks.dgss import evaluate, train
-from pivotseg.tasks.dgss.evaluate import resolve_model_folder
 from pivotseg.tuning.pivots import PivotBank
 from tests.helpers import TINY_HEAD_ARGS, TINY_METHOD_ARGS, tiny_vit_config
 

@@ -308,3 +308,28 @@ def load_checkpoint_state(folder: str | Path) -> tuple[dict, dict, list[dict]]:
     rng = join_tensors(state.pop("rng"), read_tensors(folder / "rng.safetensors"))
     optimizer = load_nested(folder, "optimizer")
     return state, optimizer, rng
+
+
+def resolve_model_folder(path: str | Path) -> Path:
+    """A folder holding ``segmenter.json``: the path itself or a run's ``checkpoints/last``."""
+    path = Path(path)
+    if (path / "segmenter.json").is_file():
+        return path
+    # Its message names the run's iter_* checkpoints when checkpoints/last is missing.
+    folder = resolve_checkpoint(path)
+    if not (folder / "segmenter.json").is_file():
+        raise CheckpointError(
+            f"{path}: no segmenter.json; give a run folder or a checkpoint folder of one"
+        )
+    return folder
+
+
+def find_run_config(checkpoint: Path):
+    """The ``config.yaml`` of the run a checkpoint belongs to, if there is one."""
+    for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
+        path = folder / "config.yaml"
+        if path.is_file():
+            from pivotseg.config import load_config  # config imports the backbones
+
+            return load_config(path)
+    return None

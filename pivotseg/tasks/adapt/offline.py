@@ -30,36 +30,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pivotseg.config import RunConfig, load_config, save_config
-from pivotseg.engine.checkpoint import resolve_checkpoint
+from pivotseg.config import save_config
+from pivotseg.engine.checkpoint import find_run_config, resolve_model_folder
 from pivotseg.engine.run_folder import RunFolder, collect_env
-from pivotseg.errors import CheckpointError, ConfigError
-from pivotseg.segmenter import CONFIG_FILE, WEIGHTS_FILE, Segmenter
+from pivotseg.errors import ConfigError
+from pivotseg.segmenter import WEIGHTS_FILE, Segmenter
 from pivotseg.tasks.adapt.adapter import build_adapter
 from pivotseg.tasks.adapt.images import list_images, load_image, stack
 from pivotseg.tasks.adapt.params import only_these_require_grad
 from pivotseg.tasks.adapt.settings import AdaptSettings
 
 ADAPT_FILE = "adapt.json"
-
-
-# The next two mirror pivotseg.tasks.dgss.evaluate's helpers: tasks do not import each other
-# (specs/architecture.md); both belong a layer down, in pivotseg.engine.
-def model_folder(run: str | Path) -> Path:
-    """The folder holding ``segmenter.json``: ``run`` itself or its ``checkpoints/last``."""
-    path = Path(run)
-    folder = path if (path / CONFIG_FILE).is_file() else resolve_checkpoint(path)
-    if not (folder / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{path}: no {CONFIG_FILE}; give a run folder or a checkpoint folder")
-    return folder
-
-
-def run_config_of(folder: Path) -> RunConfig | None:
-    """The ``config.yaml`` of the run a checkpoint folder belongs to, if there is one."""
-    for candidate in (folder, folder.parent, folder.parent.parent):
-        if (candidate / "config.yaml").is_file():
-            return load_config(candidate / "config.yaml")
-    return None
 
 
 def _remove_stale_temporaries(out: Path) -> None:
@@ -141,8 +122,8 @@ def adapt_run(
     out = Path(out)
     if out.exists():
         raise ConfigError(f"{out}: exists already; give --out a new folder (nothing was written)")
-    folder = model_folder(run)
-    run_cfg = run_config_of(folder)
+    folder = resolve_model_folder(run)
+    run_cfg = find_run_config(folder)
     files = list_images(images)
     if settings.resize_short is None and run_cfg is not None:
         settings.resize_short = run_cfg.data.eval_resize_short

@@ -22,12 +22,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from pivotseg.config import DatasetSpec, EvalConfig, RunConfig, load_config
-from pivotseg.engine.checkpoint import resolve_checkpoint
+from pivotseg.config import DatasetSpec, EvalConfig, RunConfig
+from pivotseg.engine.checkpoint import find_run_config, resolve_model_folder
 from pivotseg.engine.distributed import make_accelerator
 from pivotseg.engine.sampler import shard_indices
 from pivotseg.engine.workers import unwrap_worker_errors
-from pivotseg.errors import CheckpointError, ConfigError
+from pivotseg.errors import ConfigError
 from pivotseg.outputs import check_output_file
 
 
@@ -215,15 +215,6 @@ def as_pair(value: int | Sequence[int]) -> list[int]:
     return value * 2 if len(value) == 1 else value[:2]
 
 
-def find_run_config(checkpoint: Path) -> RunConfig | None:
-    """The ``config.yaml`` of the run a checkpoint belongs to, if there is one."""
-    for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
-        path = folder / "config.yaml"
-        if path.is_file():
-            return load_config(path)
-    return None
-
-
 def eval_config_for(
     run_cfg: RunConfig | None, mode=None, crop=None, stride=None, batch_size=None
 ) -> EvalConfig:
@@ -238,20 +229,6 @@ def eval_config_for(
     if batch_size is not None:
         eval_cfg.batch_size = batch_size
     return eval_cfg
-
-
-def resolve_model_folder(path: str | Path) -> Path:
-    """A folder holding ``segmenter.json``: the path itself or a run's ``checkpoints/last``."""
-    path = Path(path)
-    if (path / "segmenter.json").is_file():
-        return path
-    # Its message names the run's iter_* checkpoints when checkpoints/last is missing.
-    folder = resolve_checkpoint(path)
-    if not (folder / "segmenter.json").is_file():
-        raise CheckpointError(
-            f"{path}: no segmenter.json; give a run folder or a checkpoint folder of one"
-        )
-    return folder
 
 
 def evaluate(

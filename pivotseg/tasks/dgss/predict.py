@@ -26,13 +26,9 @@ from tqdm.auto import tqdm
 
 from pivotseg.data.io import IMAGE_EXTENSIONS, image_size, read_image
 from pivotseg.data.transforms import resize_image
+from pivotseg.engine.checkpoint import find_run_config, resolve_model_folder
 from pivotseg.errors import ConfigError, DataError
-from pivotseg.tasks.dgss.evaluate import (
-    eval_config_for,
-    find_run_config,
-    infer_logits,
-    resolve_model_folder,
-)
+from pivotseg.tasks.dgss.evaluate import eval_config_for, infer_logits
 
 FORMATS = ("label", "color", "overlay")
 IMAGE_SUFFIXES = IMAGE_EXTENSIONS
