@@ -1,41 +1,40 @@
-"""Test-time adaptation check: source-only against adapted, on held-out frames of the target.
+"""Test-time adaptation benchmark: source-only against adapted, paired by seed, on held-out
+frames of shifted targets.
 
-    python bench/adapt.py --run dpft=runs/adapt_src [--run rein=runs/rein_src ...] \
-        [--target idd|camvid] [--steps N] [--methods spl tent] [--out runs/bench_adapt] \
-        [--json FILE] [--doc]
-    python bench/adapt.py --from-json FILE --doc     # re-render a finished run's section
+    python bench/adapt.py --run dpft=RUNS/dpft/seed{seed} --run rein=RUNS/rein/seed{seed} \
+        --seeds 0 1 2 --methods dpft=spl --methods rein=selftrain,tent \
+        --targets idd adverse [--steps 100] [--out runs/bench_adapt] --json FILE [--doc] \
+        [--proxy-json FILE]
+    python bench/adapt.py --from-json FILE [--proxy-json FILE] --doc   # re-render only
 
-Each run is adapted with every adaptation its tuning method allows (``tent`` always,
-``selftrain`` when the method declares adaptable parameters, ``spl`` for DPFT) on the same
-images and budget, and scored with the source-only model beside it on:
+Each run (one per seed: ``{seed}`` in its path) is adapted with the given adaptations on the same
+images and budget, and scored with its source-only model beside it on:
 
-* the held-out part of the target: IDD Lite split by sequence (sorted sequence ids, every
-  other sequence adapts, the rest is scored; ``--target idd``), or CamVid Seq05VD split in time
-  (first half of the frames adapts, second half is scored; ``--target camvid``);
+* the held-out part of each target, split so that no scored frame is adapted on:
+  ``idd``: IDD Lite val split by sequence (sorted sequence ids, every other sequence adapts, the
+  rest is scored; frames at the source's 360-pixel short side, as bench dg scores them);
+  ``adverse``: the adverse-condition Seq05VD of bench dg (each frame under one of fog, night,
+  rain, snow, motion blur, glare; the copy the run's config.yaml names), split in time (first
+  half adapts, second half is scored); ``camvid``: clean Seq05VD, split the same way;
 * the source validation split (CamVid day val, one frame in ``--val-every``), to see what
-  adaptation costs at home.
+  adaptation costs at home (the bar: within 2 mIoU of before).
 
-``--doc`` writes the table into the "adapt" section of docs/benchmarks.md.
+Adaptation reads only the images of its half (no label); labels are read only for scoring. The
+hyperparameters are :class:`~pivotseg.tasks.adapt.AdaptSettings`' defaults, chosen on the
+source-side proxy (bench/adapt_proxy.py) before any target number was seen; do not pick settings
+on this script's numbers. Rows are appended to ``--json`` as they finish and a rerun skips the
+rows already there, so an interrupted benchmark resumes.
 
-Adaptation reads only the images of its half (no label); labels are read only for scoring.
-The hyperparameters are :class:`~pivotseg.tasks.adapt.AdaptSettings`' defaults, chosen on
-source-side reasoning before any target number was seen; this script is for checking that
-adaptation does not collapse, not for tuning it (do not pick settings on its target numbers).
-IDD frames are resized to a 360-pixel short side, the size of the source frames, as bench dg
-resizes its other targets.
-
-Source runs come from e.g.::
-
-    pivotseg train configs/bench_dg_tinyvit_camvid.yaml run_dir=runs/adapt_src \
-        data.targets=[] train.iterations=200                    # dpft, the config's method
-    pivotseg train configs/bench_dg_tinyvit_camvid.yaml run_dir=runs/adapt_src_rein \
-        model.method=rein data.targets=[] train.iterations=200
+The report pairs by seed (:func:`pivotseg.evaluation.paired.paired_difference`): each adaptation
+minus its own run's source-only row, and ``spl`` (DPFT) minus each Rein adaptation, with the
+mean and the 95 % Student-t interval.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -48,16 +47,25 @@ from bench.report import machine, markdown_table, write_section  # noqa: E402
 from pivotseg.config import EvalConfig  # noqa: E402
 from pivotseg.data import build_dataset  # noqa: E402
 from pivotseg.data.transforms import eval_transforms  # noqa: E402
-from pivotseg.engine.checkpoint import resolve_model_folder  # noqa: E402
+from pivotseg.engine.checkpoint import find_run_config, resolve_model_folder  # noqa: E402
+from pivotseg.evaluation.paired import paired_difference  # noqa: E402
 from pivotseg.paths import shared_path  # noqa: E402
 from pivotseg.segmenter import load_segmenter  # noqa: E402
-from pivotseg.tasks.adapt import adapt_run, resolve_method  # noqa: E402
+from pivotseg.tasks.adapt import adapt_run  # noqa: E402
 from pivotseg.tasks.dgss.evaluate import evaluate_datasets  # noqa: E402
 
 SOURCE_SHORT = 360  # CamVid day frames are 480x360
+TARGETS = {
+    "idd": "IDD Lite val split by sequence (every other sequence adapts, the rest is scored; "
+    "360-pixel short side; IDD's 7 level-1 classes through the CamVid -> IDD class map)",
+    "adverse": "adverse-condition Seq05VD (bench dg's copy: each frame under one of fog, night, "
+    "rain, snow, motion blur, glare at severity 3) split in time (first half adapts, second "
+    "half is scored)",
+    "camvid": "clean CamVid Seq05VD split in time (first half adapts, second half is scored)",
+}
 
 
-def target_halves(target: str):
+def target_halves(target: str, run_cfg=None):
     """``(images to adapt on, dataset to score, resize_short)`` of the target."""
     if target == "idd":
         root = shared_path("data", "idd_lite")
@@ -68,146 +76,276 @@ def target_halves(target: str):
         adapt = [s for s in full.samples if s.domain in adapt_seqs]
         score = [s for s in full.samples if s.domain not in adapt_seqs]
     else:
-        root = shared_path("data", "camvid_day")
+        if target == "adverse":
+            from pivotseg.data.from_spec import dataset_from_spec
+
+            spec = _adverse_spec(run_cfg)
+            full = dataset_from_spec(spec, transform=eval_transforms(spec.resize_short))
+        else:
+            full = build_dataset(
+                shared_path("data", "camvid_day"), "camvid", "test", transform=eval_transforms()
+            )
         short = None
-        full = build_dataset(root, "camvid", "test", transform=eval_transforms(None))
         ordered = sorted(full.samples, key=lambda s: s.image.name)
         adapt, score = ordered[: len(ordered) // 2], ordered[len(ordered) // 2 :]
     full.samples = score
     return [s.image for s in adapt], full, short
 
 
+def _adverse_spec(run_cfg):
+    """The ``seq05vd_adverse`` target of the run's config (bench dg's), else the same spec."""
+    from pivotseg.config import DatasetSpec
+
+    for spec in getattr(getattr(run_cfg, "data", None), "targets", None) or []:
+        if spec.corruptions and spec.format == "camvid":
+            return spec
+    return DatasetSpec(
+        path=str(shared_path("data", "camvid_day")),
+        format="camvid",
+        split="test",
+        name="seq05vd_adverse",
+        corruptions=["fog:3", "night:3", "rain:3", "snow:3", "motion_blur:3", "glare:3"],
+        corruption_seed=0,
+    )
+
+
 def score(model, datasets) -> dict:
     record = evaluate_datasets(model, datasets, EvalConfig(mode="whole"), val_name="source_val")
-    return {"target": record["targets"]["target"]["miou"], "source_val": record["val"]["miou"]}
+    return {"miou": record["targets"]["target"]["miou"], "source_val": record["val"]["miou"]}
 
 
-def adaptations_of(model, only: list[str] | None) -> list[str]:
-    """Every adaptation the run's tuning method allows (strongest first), optionally filtered."""
-    strongest = resolve_method(model, "auto")
-    allowed = {"spl": ["spl", "selftrain", "tent"], "selftrain": ["selftrain", "tent"]}
-    return [m for m in allowed.get(strongest, ["tent"]) if only is None or m in only]
+def _key(row: dict) -> tuple:
+    return row["target"], row["run"], row["seed"], row["adaptation"]
 
 
-def run_rows(args) -> dict:
-    images, target_set, short = target_halves(args.target)
+def run_rows(args, result: dict) -> dict:
+    """Adapt and score every (target, run, seed, adaptation) not yet in ``result``."""
     val = build_dataset(
         shared_path("data", "camvid_day"), "camvid", "val", transform=eval_transforms()
     )
     val.samples = val.samples[:: args.val_every]  # a check that home is kept, not a headline
-    datasets = {"target": target_set, "source_val": val}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"target {args.target}: adapt on {len(images)} frames, score {len(target_set)} frames")
-    rows = []
-    for spec in args.run:
-        name, run = spec.split("=", 1)
-        model = load_segmenter(resolve_model_folder(run))
-        rows.append({"run": name, "adaptation": "source only", **score(model, datasets)})
-        print(rows[-1], flush=True)
-        for method in adaptations_of(model, args.methods):
-            folder = out / f"{name}_{method}"
-            shutil.rmtree(folder, ignore_errors=True)
-            start = time.time()
-            adapt_run(
-                run, images, folder, method=method, steps=args.steps, resize_short=short,
-                progress=False,
-            )  # fmt: skip
-            seconds = time.time() - start
-            summary = json.loads((folder / "adapt.json").read_text())
-            adapted = load_segmenter(resolve_model_folder(folder))
-            rows.append(
-                {
-                    "run": name,
-                    "adaptation": method,
-                    **score(adapted, datasets),
-                    "steps": summary["settings"]["steps"],
-                    "resets": summary["resets"],
-                    "adapted_params": summary["adapted_parameter_count"],
-                    "minutes": round(seconds / 60, 1),
-                }
-            )
-            print(rows[-1], flush=True)
+    done = {_key(r) for r in result["rows"]}
+    methods = dict(m.split("=", 1) for m in args.methods or [])
+    runs = [spec.split("=", 1) for spec in args.run]
+    for target in args.targets:
+        first_cfg = find_run_config(resolve_model_folder(runs[0][1].format(seed=args.seeds[0])))
+        images, target_set, short = target_halves(target, first_cfg)
+        datasets = {"target": target_set, "source_val": val}
+        result["frames"][target] = {"adapt": len(images), "score": len(target_set)}
+        print(f"{target}: adapt on {len(images)} frames, score {len(target_set)}", flush=True)
+        for seed in args.seeds:
+            for name, pattern in runs:
+                run = pattern.format(seed=seed)
+                wanted = [] if args.no_source_only else ["source only"]
+                wanted += [m for m in methods.get(name, "spl").split(",") if m]
+                todo = [m for m in wanted if (target, name, seed, m) not in done]
+                if not todo:
+                    continue
+                model = load_segmenter(resolve_model_folder(run))
+                for method in todo:
+                    row = {"target": target, "run": name, "seed": seed, "adaptation": method}
+                    if method == "source only":
+                        row.update(score(model, datasets))
+                    else:
+                        row.update(_adapt_and_score(run, images, out, row, short, args, datasets))
+                    result["rows"].append(row)
+                    done.add(_key(row))
+                    print(row, flush=True)
+                    if args.json:
+                        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _adapt_and_score(run, images, out, row, short, args, datasets) -> dict:
+    folder = out / f"{row['target']}_{row['run']}_seed{row['seed']}_{row['adaptation']}"
+    shutil.rmtree(folder, ignore_errors=True)
+    start = time.time()
+    adapt_run(
+        run, images, folder, method=row["adaptation"], steps=args.steps, resize_short=short,
+        seed=row["seed"], progress=False,
+    )  # fmt: skip
+    seconds = time.time() - start
+    summary = json.loads((folder / "adapt.json").read_text())
+    adapted = load_segmenter(resolve_model_folder(folder))
+    steps = summary["settings"]["steps"]
     return {
-        "target": args.target,
-        "adapt_frames": len(images),
-        "score_frames": len(target_set),
-        "val_frames": len(val),
-        "val_every": args.val_every,
-        "command": "python bench/adapt.py " + " ".join(sys.argv[1:]),
-        "machine": machine(),
-        "rows": rows,
+        **score(adapted, datasets),
+        "steps": steps,
+        "replay": summary.get("source_replay") is not None,
+        "resets": summary["resets"],
+        "adapted_params": summary["adapted_parameter_count"],
+        "sec_per_frame": round(seconds / (steps * summary["settings"]["batch_size"]), 2),
     }
 
 
-def report(result: dict) -> str:
+def _values(rows, target, run, adaptation, field) -> dict[int, float]:
+    return {
+        r["seed"]: r[field]
+        for r in rows
+        if r["target"] == target and r["run"] == run and r["adaptation"] == adaptation
+    }
+
+
+def _fmt(d) -> str:
+    if d.n == 0:
+        return "–"
+    if d.n < 2:
+        return f"{d.mean:+.2f} (1 seed)"
+    return f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]"
+
+
+def paired_rows(result: dict, target: str) -> list[tuple[str, object, object]]:
+    """``(comparison, target difference, source-val difference)`` for the report."""
+    rows = result["rows"]
+    pairs = []
+    present = sorted({(r["run"], r["adaptation"]) for r in rows if r["target"] == target})
+    for run, adaptation in present:
+        if adaptation == "source only":
+            continue
+        label = f"{run} + {adaptation} − {run} source only"
+        diffs = [
+            paired_difference(
+                _values(rows, target, run, adaptation, f),
+                _values(rows, target, run, "source only", f),
+            )
+            for f in ("miou", "source_val")
+        ]
+        pairs.append((label, *diffs))
+    spl = [(run, a) for run, a in present if a == "spl"]
+    for run, adaptation in spl:
+        for other, other_adaptation in present:
+            if other == run or other_adaptation == "source only":
+                continue
+            label = f"{run} + spl − {other} + {other_adaptation}"
+            diffs = [
+                paired_difference(
+                    _values(rows, target, run, adaptation, f),
+                    _values(rows, target, other, other_adaptation, f),
+                )
+                for f in ("miou", "source_val")
+            ]
+            pairs.append((label, *diffs))
+    return pairs
+
+
+def verdicts(result: dict, target: str) -> list[str]:
+    """The issue's bar, in words, from the paired differences."""
+    lines = []
+    for label, diff, val in paired_rows(result, target):
+        if diff.n == 0:
+            continue
+        words = diff.verdict(label.split(" − ")[0], label.split(" − ")[1])
+        if label.endswith("source only") and label.startswith("dpft + spl"):
+            met = diff.n >= 2 and diff.mean >= 3 and not diff.contains_zero
+            lines.append(
+                f"- {label}: {_fmt(diff)} mIoU; bar (≥ +3) {'met' if met else 'not met'}; "
+                f"{words}. Source val: {_fmt(val)} (bar: within 2 mIoU: "
+                f"{'met' if val.n and abs(val.mean) <= 2 else 'not met'})."
+            )
+        elif label.startswith("dpft + spl") or label.endswith("source only"):
+            lines.append(f"- {label}: {_fmt(diff)} mIoU; {words}.")
+    return lines
+
+
+def report(result: dict, proxy: dict | None = None) -> str:
     """The markdown of the "adapt" section of docs/benchmarks.md."""
-    target = {
-        "idd": "IDD Lite val split by sequence (every other sequence adapts, the rest is "
-        "scored; frames resized to the source's 360-pixel short side; mIoU on IDD's 7 level-1 "
-        "classes through the CamVid -> IDD class map)",
-        "camvid": "CamVid Seq05VD split in time (first half adapts, second half is scored)",
-    }[result["target"]]
-    table = markdown_table(
-        ["run", "adaptation", "target held-out mIoU", "source val mIoU", "steps", "resets",
-         "adapted params", "adapt min"],
-        [
-            [r["run"], r["adaptation"], f"{r['target']:.2f}", f"{r['source_val']:.2f}",
-             r.get("steps", ""), r.get("resets", ""), r.get("adapted_params", ""),
-             r.get("minutes", "")]
-            for r in result["rows"]
-        ],
-    )  # fmt: skip
-    return (
-        "Source runs: `pivotseg train configs/bench_dg_tinyvit_camvid.yaml model.method=METHOD "
-        "data.targets=[] train.iterations=200` (CamVid day, seed 0). "
-        f"Target: {target}; {result['adapt_frames']} unlabelled frames to adapt on, "
-        f"{result['score_frames']} held-out frames scored (whole image), and a "
-        f"{result['val_frames']}-frame subset of CamVid day val (one frame in "
-        f"{result['val_every']}) to see what adaptation costs at home. Batch 1, the same "
-        "images and steps for every adaptation; hyperparameters: `AdaptSettings` defaults, fixed "
-        'on source-side reasoning before any target number was seen (docs/methods.md, "SPL '
-        'mode"); none was tuned on these labels. A small-budget check that adaptation does not '
-        "collapse, one seed: not a ranking.\n\n" + table
-    )
+    parts = [
+        "Source runs: bench dg's v2 runs (`configs/bench_dg_tinyvit_camvid.yaml`, 300 "
+        "iterations, CamVid day), one per seed; each adaptation uses the run's seed for its image "
+        f"order. {result['steps']} adaptation steps of batch 1 for every adaptation; `spl` and "
+        "`selftrain` replay the run's labelled source data (DAFormer-style, docs/methods.md "
+        '"SPL mode"), TENT is source-free by definition. Hyperparameters: `AdaptSettings` '
+        "defaults, chosen on the source-side proxy below before any target number was seen; "
+        "none was tuned on these labels. Source val: CamVid day val, one frame in "
+        f"{result['val_every']}. s/frame: adaptation wall time per adapted frame on this "
+        "shared CPU (scoring excluded). Intervals: paired by seed, 95 % Student-t; with 3 "
+        "seeds only a difference large against its spread excludes 0."
+    ]
+    if result.get("note"):
+        parts.append(result["note"])
+    for target in result["targets"]:
+        frames = result["frames"].get(target, {})
+        rows = [r for r in result["rows"] if r["target"] == target]
+        if not rows:
+            continue
+        table = markdown_table(
+            ["run", "seed", "adaptation", "target held-out mIoU", "source val mIoU", "resets",
+             "adapted params", "s/frame"],
+            [
+                [r["run"], r["seed"], r["adaptation"], f"{r['miou']:.2f}",
+                 f"{r['source_val']:.2f}", r.get("resets", ""), r.get("adapted_params", ""),
+                 r.get("sec_per_frame", "")]
+                for r in sorted(rows, key=lambda r: (r["run"], r["adaptation"], r["seed"]))
+            ],
+        )  # fmt: skip
+        paired = markdown_table(
+            ["comparison", "target Δ mIoU [95 % CI]", "source val Δ [95 % CI]", "seeds"],
+            [[label, _fmt(d), _fmt(v), d.n] for label, d, v in paired_rows(result, target)],
+        )
+        parts.append(
+            f"### {target}: {TARGETS[target]}\n\n{frames.get('adapt', '?')} unlabelled frames "
+            f"adapted on, {frames.get('score', '?')} held-out frames scored (whole image).\n\n"
+            f"{table}\n\nPaired by seed:\n\n{paired}\n\n" + "\n".join(verdicts(result, target))
+        )
+    if proxy is not None:
+        from bench.adapt_proxy import report as proxy_report
+
+        parts.append(
+            "### Source-side proxy (where the settings come from)\n\n" + proxy_report(proxy)
+        )
+    return "\n\n".join(parts)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="append", metavar="NAME=RUN")
-    parser.add_argument("--target", choices=["idd", "camvid"], default="idd")
-    parser.add_argument("--steps", type=int, help="adaptation steps (default: one pass)")
+    parser.add_argument("--run", action="append", metavar="NAME=RUN", help="{seed} in RUN")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--targets", nargs="+", choices=sorted(TARGETS), default=["idd"])
+    parser.add_argument("--steps", type=int, default=100, help="adaptation steps (default 100)")
     parser.add_argument("--out", default="runs/bench_adapt", help="adapted runs go here")
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--json", help="rows go here as they finish; a rerun skips them")
     parser.add_argument(
         "--methods",
-        nargs="+",
-        choices=["spl", "selftrain", "tent"],
-        help="only these adaptations (default: every one a run allows)",
+        action="append",
+        metavar="NAME=M1,M2",
+        help="adaptations of run NAME (spl, selftrain, tent; default spl; NAME= for none)",
     )
     parser.add_argument(
         "--val-every", type=int, default=3, help="score every Nth source val frame (default 3)"
     )
     parser.add_argument(
+        "--no-source-only",
+        action="store_true",
+        help="skip the source-only rows (another --json holds them; merge before --doc)",
+    )
+    parser.add_argument("--proxy-json", help="bench/adapt_proxy.py's --json, shown beside")
+    parser.add_argument(
         "--doc", action="store_true", help='write the "adapt" section of docs/benchmarks.md'
     )
-    parser.add_argument(
-        "--from-json", nargs="+", metavar="FILE", help="report --json files; run nothing"
-    )
+    parser.add_argument("--from-json", metavar="FILE", help="report a --json file; run nothing")
     args = parser.parse_args(argv)
     if args.from_json:
-        results = [json.loads(Path(f).read_text()) for f in args.from_json]
+        result = json.loads(Path(args.from_json).read_text())
     elif args.run:
-        results = [run_rows(args)]
+        result = {"rows": [], "frames": {}}
+        if args.json and Path(args.json).is_file():
+            result = json.loads(Path(args.json).read_text())
+        command = "python bench/adapt.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        result.update(
+            command=command, machine=machine(), steps=args.steps, val_every=args.val_every,
+            targets=list(dict.fromkeys(result.get("targets", []) + args.targets)),
+        )  # fmt: skip
+        result = run_rows(args, result)
     else:
         parser.error("give --run NAME=RUN (or --from-json FILE)")
-    if args.json and not args.from_json:
-        Path(args.json).write_text(json.dumps(results[0], indent=2))
-    body = "\n\n".join(report(r) for r in results)
+    proxy = json.loads(Path(args.proxy_json).read_text()) if args.proxy_json else None
+    body = report(result, proxy)
     print(body)
     if args.doc:
         title = "Test-time adaptation (SPL mode, self-training, TENT)"
-        commands = "`; `".join(r["command"] for r in results)
+        commands = result["command"] + (f"`; `{proxy['command']}" if proxy else "")
         write_section("adapt", title, commands, body)
     return 0
 

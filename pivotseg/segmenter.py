@@ -110,6 +110,9 @@ class Segmenter(nn.Module):
         # Constants of the backbone: never part of a checkpoint.
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
+        # The training run's config (set by load_segmenter): predict() follows its eval section
+        # and evaluation resize.
+        self.run_config = None
 
     # ----- inference ------------------------------------------------------------------------
     def _features(self, images: torch.Tensor):
@@ -134,6 +137,51 @@ class Segmenter(nn.Module):
         h, w = images.shape[-2:]
         outputs, (pad_h, pad_w) = self._run(images)
         return self.head.logits(outputs, (h + pad_h, w + pad_w))[..., :h, :w]
+
+    def predict(
+        self,
+        image,
+        *,
+        probabilities: bool = True,
+        mode: str | None = None,
+        crop: int | tuple[int, int] | None = None,
+        stride: int | tuple[int, int] | None = None,
+        resize_short: int | None = None,
+        max_long: int | None = None,
+    ):
+        """Segment one image as ``pivotseg predict`` does, on the model's device.
+
+        Args:
+            image: a file path, a PIL image (grey, alpha, palette and 16-bit images are
+                converted as ``pivotseg predict`` reads files) or a ``uint8 (H, W, 3)`` RGB
+                array.
+            probabilities: also return the class probabilities (``False`` skips the
+                full-size ``(K, H, W)`` map and its memory).
+            mode, crop, stride: inference (default: the run's ``eval`` section, see
+                :attr:`run_config`, else whole-image).
+            resize_short, max_long: the size the image is segmented at (default: the run's
+                ``data.eval_resize_short``, else its ``data.max_size`` cap on the long side;
+                0 switches either off); images below the model's minimum side are enlarged.
+
+        Returns:
+            :class:`~pivotseg.tasks.dgss.predict.Prediction`: ``labels`` int64 ``(H, W)`` and
+            ``probabilities`` float32 ``(K, H, W)`` (or ``None``), at the image's size.
+
+        Raises:
+            DataError: a missing or unreadable file, an array that is not uint8 ``(H, W, 3)``.
+        """
+        from pivotseg.tasks.dgss.predict import predict_image
+
+        return predict_image(
+            self,
+            image,
+            probabilities=probabilities,
+            mode=mode,
+            crop=crop,
+            stride=stride,
+            resize_short=resize_short,
+            max_long=max_long,
+        )
 
     # ----- training -------------------------------------------------------------------------
     def compute_loss(
@@ -387,16 +435,26 @@ def build_segmenter(
 def load_segmenter(folder: str | Path, backbone_source: str | Path | None = None) -> Segmenter:
     """Rebuild a segmenter saved by :meth:`Segmenter.save` and load its trained tensors.
 
+    The training run's ``config.yaml`` (in the folder or up to two folders above), when there
+    is one, becomes :attr:`Segmenter.run_config`, so that :meth:`Segmenter.predict` segments
+    as ``pivotseg predict`` does.
+
     Args:
-        folder: the checkpoint folder (``segmenter.json`` + ``model.safetensors``).
+        folder: the checkpoint folder (``segmenter.json`` + ``model.safetensors``), or a run
+            folder (its ``checkpoints/last``).
         backbone_source: where the pretrained backbone is now, if not where the config says
             (e.g. a local copy of a hub model).
 
     Raises:
         CheckpointError: the folder is incomplete or its tensors do not fit the config.
     """
+    from pivotseg.engine.checkpoint import find_run_config, resolve_model_folder
+
     folder = Path(folder)
     config_path = folder / CONFIG_FILE
+    if not config_path.exists() and (folder / "checkpoints").is_dir():
+        folder = resolve_model_folder(folder)  # a run folder
+        config_path = folder / CONFIG_FILE
     if not config_path.exists():
         raise CheckpointError(
             f"{folder}: no {CONFIG_FILE}; pass a folder written by Segmenter.save"
@@ -414,4 +472,5 @@ def load_segmenter(folder: str | Path, backbone_source: str | Path | None = None
     cfg = SegmenterConfig.from_dict(data, where=str(config_path))
     model = build_segmenter(cfg)
     model.load_trained(folder / WEIGHTS_FILE)
+    model.run_config = find_run_config(folder)
     return model.eval()

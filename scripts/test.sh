@@ -4,6 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+# Headless Chromium for tests/test_serve_browser.py, installed only for the tests (the demo does
+# not need it); without one those tests skip, saying why.
+bash scripts/install_browser.sh >/dev/null ||
+  echo "test: no headless Chromium (scripts/install_browser.sh); browser tests will skip" >&2
 ruff check .
 ruff format --check .
 # One thread per process: the suite starts torchrun and loader processes of its own, and

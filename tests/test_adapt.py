@@ -33,6 +33,7 @@ from pivotseg.tasks.adapt.selftrain import (
     SelfTrainer,
     move_pivots,
 )
+from pivotseg.tasks.adapt.uda import ReplayTrainer
 from pivotseg.tasks.dgss import evaluate, train
 from pivotseg.tuning.pivots import PivotBank
 from tests.helpers import TINY_HEAD_ARGS, TINY_METHOD_ARGS, tiny_vit_config
@@ -150,8 +151,9 @@ def test_self_training_changes_only_declared_parameters(
 
     monkeypatch.setattr(Image, "open", spy)
     out = adapt_run(
-        run, world["target"], tmp_path / "new", method=adaptation, steps=3, progress=False, **LOOSE
-    )
+        run, world["target"], tmp_path / "new", method=adaptation, steps=3, progress=False,
+        source_replay=False, **LOOSE,
+    )  # fmt: skip
     monkeypatch.undo()
 
     targets = {p.resolve() for p in world["target"].iterdir()}
@@ -418,7 +420,7 @@ def test_cli_prints_one_line_for_bad_input(world, tmp_path, capsys):
 def test_interrupted_adaptation_leaves_nothing_half_written(world, tmp_path, monkeypatch, error):
     run = world["runs"]["dpft"]
     before = digest(run)
-    real_step = SelfTrainer.step
+    real_step = ReplayTrainer.step  # offline self-training replays the source by default
     calls = []
 
     def failing_step(self, images, valid):
@@ -427,7 +429,7 @@ def test_interrupted_adaptation_leaves_nothing_half_written(world, tmp_path, mon
             raise error
         return real_step(self, images, valid)
 
-    monkeypatch.setattr(SelfTrainer, "step", failing_step)
+    monkeypatch.setattr(ReplayTrainer, "step", failing_step)
     with pytest.raises(type(error)):
         adapt_run(run, world["target"], tmp_path / "new", steps=3, progress=False)
     assert len(calls) == 2

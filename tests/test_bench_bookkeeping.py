@@ -156,4 +156,4 @@ def test_quick_is_one_short_seed_scored_on_a_few_frames(base, tmp_path, monkeypa
     logged = [r["eval"] for r in read_metrics(run) if "eval" in r][-1]["targets"]["tgt"]
     record = evaluate(run, [DatasetSpec(path=str(few), split="val", name="few")], verbose=False)
     assert logged["miou"] == pytest.approx(record["targets"]["few"]["miou"], abs=1e-6)
-    assert results["eval_frames"] == 4
+    assert results["eval_frames"] == 4 and results["limit"] == 4

@@ -406,7 +406,9 @@ def test_cli_predicts_and_evaluates(clip_folder, tmp_path, capsys):
     import json
 
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["iou"]) == 11 and 0 <= metrics["acc"] <= 1
+    (scored,) = metrics["datasets"]  # docs/evaluation.md: percent, IoU by class name
+    assert len(scored["per_class"]) == 11 and "Sky" in scored["per_class"]
+    assert 0 <= scored["acc"] <= 100 and scored["frames"] == 2 and scored["limit"] is None
 
 
 def test_cli_errors_are_one_line(clip_folder, tmp_path, capsys):

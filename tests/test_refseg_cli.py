@@ -169,7 +169,10 @@ def test_cli_eval_over_episodes(tmp_path, sam_folder, capsys):  # noqa: F811
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "bird" in out and "cup" in out and "mean" in out
-    data = json.loads(report.read_text())
-    assert set(data["per_class"]) == {"bird", "cup"} and data["targets"] == {"bird": 2, "cup": 2}
-    assert data["mean_iou"] == pytest.approx(np.mean(list(data["per_class"].values())))
+    (data,) = json.loads(report.read_text())["datasets"]  # docs/evaluation.md: percent
+    assert set(data["per_class"]) == {"bird", "cup"}
+    assert data["frames_per_class"] == {"bird": 2, "cup": 2} and data["frames"] == 4
+    assert data["miou"] == pytest.approx(np.mean(list(data["per_class"].values())))
+    for name in ("bird", "cup"):  # the printed percentages
+        assert f"{name:<4}  IoU {data['per_class'][name]:6.2f}" in out
     assert (tmp_path / "pred" / "cup" / "3.png").exists()

@@ -9,7 +9,8 @@ examples:
   pivotseg adapt runs/dpft --images /data/target_frames --out runs/dpft_adapted
   pivotseg adapt runs/rein --images /data/target_frames --out runs/rein_tent --method tent
   pivotseg eval runs/dpft_adapted --data tgt=/data/target:cityscapes:val   # as any run
-No label is read; the source run is only read; NEW_RUN appears only when adaptation finished.
+No target label is read (spl/selftrain replay the run's own labelled source data unless
+--no-source-replay); the source run is only read; NEW_RUN appears only when adaptation finished.
 """
 
 
@@ -23,8 +24,8 @@ def register(subparsers) -> None:
         help="adapt a trained run to unlabelled target images (SPL mode, TENT)",
         description=(
             "Adapt a run to a folder of unlabelled target images and save the result as a new "
-            "run. spl: DPFT's dynamic parts by mean-teacher self-training and set pivots moved "
-            "toward the target; selftrain: the same without pivots (e.g. Rein); tent: entropy "
+            "run. spl: DPFT's dynamic parts (and the head) by mean-teacher self-training with "
+            "source replay and ClassMix, and set pivots moved toward the target; selftrain: the same without pivots (e.g. Rein); tent: entropy "
             "minimisation of the normalisation layers; auto: the first the run allows."
         ),
         epilog=EPILOG,
@@ -45,9 +46,22 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("adaptation settings (default: docs/methods.md)")
     group.add_argument("--steps", type=int, help="optimiser steps (default: one pass)")
     group.add_argument("--batch-size", type=int, help="images per step (default 1)")
-    group.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
+    group.add_argument(
+        "--no-source-replay",
+        dest="source_replay",
+        action="store_false",
+        default=None,
+        help="spl/selftrain: do not also train on the run's labelled source data (data.source "
+        "of its config.yaml); the default replays it, DAFormer-style",
+    )
+    group.add_argument("--lr", type=float, help="Adam learning rate (default: docs/methods.md)")
+    group.add_argument(
+        "--pseudo-threshold", type=float, help="source replay: DAFormer's tau (default 0.968)"
+    )
     group.add_argument("--teacher-momentum", type=float, help="teacher EMA (default 0.99)")
-    group.add_argument("--restore-prob", type=float, help="stochastic restore (default 0.01)")
+    group.add_argument(
+        "--restore-prob", type=float, help="stochastic restore (default 0.01, 0 with replay)"
+    )
     group.add_argument(
         "--class-fraction", type=float, help="pseudo-labelled share per class (default 0.5)"
     )
@@ -60,7 +74,9 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
 SETTING_FLAGS = (
     "steps",
     "batch_size",
+    "source_replay",
     "lr",
+    "pseudo_threshold",
     "teacher_momentum",
     "restore_prob",
     "class_fraction",

@@ -16,6 +16,7 @@ examples:
   pivotseg bench dg --config my_base.yaml train.iterations=1000
   pivotseg bench dg --methods frozen --row "famix=runs/famix_inputs/row_model.yaml"
   pivotseg bench dg --quick                           # smoke run of the pipeline, a few minutes
+  pivotseg bench dg --limit 20                        # score 20 frames per dataset (a short look)
 
 Targets are NAME=PATH[:FORMAT[:SPLIT[:DOMAIN]]]; classes are mapped to the source taxonomy where
 a mapping exists (CamVid <-> Cityscapes, see docs/datasets.md). Runs found in --out are reused
@@ -78,6 +79,12 @@ def register(subparsers) -> None:
         help="smoke run of the pipeline: seed 0, 10 iterations, 4 evaluation frames per dataset; "
         "numbers are not results",
     )
+    dg.add_argument(
+        "--limit",
+        metavar="N|all",
+        help="score at most N evenly spaced frames per evaluated dataset (eval.limit of every "
+        "run; default: the config's, --quick: 4); the tables say so",
+    )
     dg.set_defaults(func=run_dg)
 
 
@@ -95,7 +102,12 @@ def run_dg(args: argparse.Namespace) -> int:
 
     if not args.config.is_file():
         raise ConfigError(f"{args.config}: no such config; pass --config BASE.yaml")
+    from pivotseg.tasks.dgss.evaluate import check_limit
+
     quick = args.quick
+    eval_frames = bench_runs.QUICK_EVAL_FRAMES if quick else None
+    if args.limit is not None:
+        eval_frames = check_limit(args.limit)
     out = args.out or (bench_runs.QUICK_OUT if quick else Path("runs/bench_dg"))
     check_output_dir(out, "--out")
     targets = [DatasetSpec.from_string(t) for t in args.target]
@@ -125,7 +137,7 @@ def run_dg(args: argparse.Namespace) -> int:
         targets=targets,
         out_dir=out,
         overrides=(bench_runs.QUICK_OVERRIDES if quick else []) + list(args.overrides),
-        eval_frames=bench_runs.QUICK_EVAL_FRAMES if quick else None,
+        eval_frames=eval_frames,
         rerun=args.rerun,
     )
     result = run_benchmark(plan)

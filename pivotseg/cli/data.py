@@ -4,9 +4,31 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from typing import TYPE_CHECKING
 
-from pivotseg.data.check import DatasetReport, scan_dataset
-from pivotseg.data.formats import FORMATS
+if TYPE_CHECKING:
+    from pivotseg.data.check import DatasetReport
+
+# The names of pivotseg.data.formats.FORMATS and pivotseg.data.corrupt.KNOWN, written out so
+# that building the parser imports neither NumPy nor PIL (tests/test_cli_startup.py keeps them
+# equal). Unknown names are refused by the data package itself, with the closest suggested.
+FORMAT_NAMES = (
+    "cityscapes",
+    "gta5",
+    "synthia",
+    "bdd100k",
+    "acdc",
+    "mapillary_v1.2",
+    "mapillary_v2.0",
+    "camvid",
+    "carlascapes",
+    "idd_lite",
+    "loveda",
+    "potsdam",
+    "vaihingen",
+    "folder",
+)
+CORRUPTIONS = ("fog", "night", "rain", "snow", "motion_blur", "glare")
 
 
 def register(subparsers) -> None:
@@ -36,7 +58,7 @@ def register(subparsers) -> None:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="the dataset folder")
     parser.add_argument(
-        "--format", required=True, metavar="F", help="one of: " + ", ".join(FORMATS)
+        "--format", required=True, metavar="F", help="one of: " + ", ".join(FORMAT_NAMES)
     )
     parser.add_argument("--split", default=None, help="one split (default: all splits)")
     parser.add_argument("--mapping", default=None, help="folder format: classes/mapping file")
@@ -45,6 +67,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _scan(args: argparse.Namespace, check_images: bool) -> DatasetReport:
+    from pivotseg.data.check import scan_dataset
+
     options = {}
     if args.mapping:
         options["mapping"] = args.mapping
@@ -117,8 +141,6 @@ def run_stats(args: argparse.Namespace) -> int:
 
 
 def _register_corrupt(sub) -> None:
-    from pivotseg.data.corrupt import KNOWN
-
     corrupt = sub.add_parser(
         "corrupt",
         help="write fog/night/rain/snow/blur/glare copies of a dataset (adverse targets)",
@@ -129,7 +151,7 @@ def _register_corrupt(sub) -> None:
     )
     corrupt.add_argument("path", help="the source dataset folder (never written to)")
     corrupt.add_argument(
-        "--format", required=True, metavar="F", help="one of: " + ", ".join(FORMATS)
+        "--format", required=True, metavar="F", help="one of: " + ", ".join(FORMAT_NAMES)
     )
     corrupt.add_argument("--out", required=True, help="the output folder (new, empty or resumed)")
     corrupt.add_argument(
@@ -137,7 +159,7 @@ def _register_corrupt(sub) -> None:
         action="append",
         required=True,
         metavar="NAME:SEVERITY",
-        help=f"repeatable; NAME one of {', '.join(KNOWN)}, SEVERITY 1-5 (e.g. fog:3)",
+        help=f"repeatable; NAME one of {', '.join(CORRUPTIONS)}, SEVERITY 1-5 (e.g. fog:3)",
     )
     corrupt.add_argument(
         "--mix", action="store_true", help="one copy, each frame gets one of the corruptions"

@@ -9,6 +9,7 @@ examples:
   pivotseg eval runs/rein --data cityscapes=/data/cityscapes:cityscapes:val \\
       --data bdd=/data/bdd100k:bdd100k:val --mode slide --crop 512 --stride 341
   pivotseg eval runs/rein                    # the targets of the run's config
+  pivotseg eval runs/rein --limit 20 --json eval.json   # 20 frames per dataset, per-class JSON
   torchrun --nproc_per_node 4 -m pivotseg eval runs/rein   # each process scores a shard
 """
 
@@ -21,7 +22,9 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+    parser.add_argument(
+        "checkpoint", metavar="RUN_OR_CHECKPOINT", help="run folder, checkpoint or .onnx export"
+    )
     parser.add_argument(
         "--data",
         action="append",
@@ -35,9 +38,23 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, help="crops per forward pass (slide mode)")
     parser.add_argument("--resize-short", type=int, metavar="PX", help="resize short side first")
     parser.add_argument("--backbone-source", help="where the pretrained backbone is now")
+    parser.add_argument(
+        "--engine",
+        choices=["torch", "onnxruntime"],
+        help="onnxruntime: an .onnx export (pivotseg export), or a run exported first "
+        "(default: onnxruntime for an .onnx file, else torch; docs/deploy.md)",
+    )
     parser.add_argument("--precision", choices=["no", "bf16", "fp16"], help="autocast")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument(
+        "--limit",
+        metavar="N|all",
+        help="score at most N evenly spaced frames per dataset (default: the run's eval.limit, "
+        "else all)",
+    )
+    parser.add_argument(
+        "--json", metavar="FILE", help="also write the results as JSON (docs/evaluation.md)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -56,5 +73,7 @@ def run(args: argparse.Namespace) -> int:
         mixed_precision=args.precision,
         num_workers=args.workers,
         output=args.json,
+        limit=args.limit,
+        engine=args.engine,
     )
     return 0

@@ -7,14 +7,14 @@ pivotseg ovseg --eval-data /data/camvid_day --eval-format camvid --eval-split te
 from __future__ import annotations
 
 import argparse
-import json
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
+# pivotseg.tasks.openvocab.dense.VARIANTS (not imported: it pulls torch into `pivotseg --help`;
+# tests/test_cli_startup.py keeps the two equal)
+VARIANTS = ("clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip")
 
 
 def register(subparsers) -> None:
-    from pivotseg.tasks.openvocab.dense import VARIANTS
-
     p = subparsers.add_parser(
         "ovseg",
         help="open-vocabulary segmentation with CLIP (no training)",
@@ -31,6 +31,17 @@ def register(subparsers) -> None:
     )
     names.add_argument("--classes-file", help="text file, one class per line")
     p.add_argument("--out", help="folder for <stem>.png labels and <stem>_color.png")
+    p.add_argument(
+        "--overlay",
+        action="store_true",
+        help="also write <stem>_overlay.png: class colours blended on the image, with a legend",
+    )
+    p.add_argument(
+        "--no-legend",
+        dest="legend",
+        action="store_false",
+        help="--overlay: no legend strip (PNGs of the image's size)",
+    )
     p.add_argument("--variant", default="naclip", choices=list(VARIANTS))
     p.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP source (default {DEFAULT_CLIP})")
     p.add_argument("--background", default="", help="comma-separated background prompts")
@@ -61,6 +72,21 @@ def register(subparsers) -> None:
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",")] if text else []
+
+
+def write_metrics(path, result: dict, dataset, args: argparse.Namespace) -> None:
+    """The scores in the schema of :mod:`pivotseg.evaluation.results` (percent, by class)."""
+    from pathlib import Path
+
+    from pivotseg.evaluation.results import confusion_entry, results_document, write_json
+
+    frames = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    name = Path(args.eval_data).name + (f"/{args.eval_split}" if args.eval_split else "")
+    entry = confusion_entry(name, result, result["class_names"], frames=frames, limit=args.limit)
+    document = results_document(
+        "ovseg", [entry], variant=args.variant, clip=args.clip, data=str(args.eval_data)
+    )
+    write_json(path, document)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,14 +139,16 @@ def run(args: argparse.Namespace) -> int:
     ).to(device)
     if args.images:
         palette = dataset.palette if dataset is not None and classes == dataset.classes else None
-        written = predict_images(segmenter, args.images, args.out, palette)
-        print(f"wrote {len(written)} label maps (+ _color.png) to {args.out}")
+        written = predict_images(
+            segmenter, args.images, args.out, palette, overlay=args.overlay, legend=args.legend
+        )
+        extra = "_color.png, _overlay.png" if args.overlay else "_color.png"
+        print(f"wrote {len(written)} label maps (+ {extra}) to {args.out}")
     if dataset is not None:
         result = evaluate_dataset(segmenter, dataset, limit=args.limit)
         print(format_result(result))
         if args.out:
             from pathlib import Path
 
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "metrics.json").write_text(json.dumps(result, indent=2))
+            write_metrics(Path(args.out) / "metrics.json", result, dataset, args)
     return 0

@@ -1,4 +1,4 @@
-"""``pivotseg predict CHECKPOINT IMAGES_DIR --out DIR --format label|color|overlay``."""
+"""``pivotseg predict CHECKPOINT IMAGES... --out DIR --format label|color|overlay``."""
 
 from __future__ import annotations
 
@@ -8,20 +8,31 @@ import argparse
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "predict",
-        help="segment a folder of images into PNGs",
+        help="segment image files or folders of images into PNGs",
         description=(
-            "Segment every image of a folder. label: class index as a grey uint8 PNG "
-            "(Cityscapes trainIds for a Cityscapes-taxonomy model); color: class colours; "
-            "overlay: colours blended on the image. Each image gives <stem>.png, or "
+            "Segment image files and every image of the folders given. label: class index as "
+            "a grey uint8 PNG (Cityscapes trainIds for a Cityscapes-taxonomy model); color: "
+            "class colours; overlay: colours blended on the image, with a legend strip beside "
+            "it. Each image gives <stem>.png, or "
             "<file name>.png (a.jpg.png) when two images share a stem. Images are segmented "
             "at the run's evaluation size (data.eval_resize_short) and the labels brought "
             "back to the image's size."
         ),
     )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="run folder or checkpoint")
-    parser.add_argument("images", metavar="IMAGES_DIR")
+    parser.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="run folder, checkpoint or .onnx export"
+    )
+    parser.add_argument(
+        "images", metavar="IMAGES", nargs="+", help="image files and/or folders of images"
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--format", choices=["label", "color", "overlay"], default="label")
+    parser.add_argument(
+        "--no-legend",
+        dest="legend",
+        action="store_false",
+        help="overlay: no legend strip (PNGs of the image's size)",
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace PNGs already in --out (else refused)"
     )
@@ -55,6 +66,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--backbone-source", help="where the pretrained backbone is now")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: GPU if present)")
+    parser.add_argument(
+        "--engine",
+        choices=["torch", "onnxruntime"],
+        help="onnxruntime: an .onnx export (pivotseg export), or a run exported first "
+        "(default: onnxruntime for an .onnx file, else torch; docs/deploy.md)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -77,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         max_long=args.max_long,
         overwrite=args.overwrite,
         labeller=_adapting(args),
+        legend=args.legend,
+        engine=args.engine,
     )
     print(f"wrote {len(written)} PNGs to {args.out}")
     return 0

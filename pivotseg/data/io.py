@@ -64,6 +64,17 @@ def read_image_bits(path: str | Path) -> tuple[np.ndarray, int]:
     path = Path(path)
     img = _open(path, "image")
     bits = _bits_per_channel(img, path)
+    return _to_rgb(img, bits, path), bits
+
+
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """:func:`read_image` for an image already opened (or made) with Pillow."""
+    filename = getattr(img, "filename", "")
+    path = Path(filename) if filename else None
+    return _to_rgb(img, _bits_per_channel(img, path), path or "image")
+
+
+def _to_rgb(img: Image.Image, bits: int, path: Path | str) -> np.ndarray:
     if img.mode.startswith("I") and bits == 16:
         grey = (np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)
         rgb = np.repeat(grey[..., None], 3, axis=2)
@@ -75,13 +86,13 @@ def read_image_bits(path: str | Path) -> tuple[np.ndarray, int]:
             "data saved without scaling), so at 8 bits it is nearly black; stretch it to its "
             "real range and save it as an 8-bit image"
         )
-    return rgb, bits
+    return rgb
 
 
-def _bits_per_channel(img: Image.Image, path: Path) -> int:
+def _bits_per_channel(img: Image.Image, path: Path | None) -> int:
     if img.mode.startswith("I;16"):
         return 16
-    if img.format == "PNG":
+    if img.format == "PNG" and path is not None and path.is_file():
         return 16 if _png_bit_depth(path) == 16 else 8
     if img.format == "TIFF":
         depth = img.tag_v2.get(258, (8,))

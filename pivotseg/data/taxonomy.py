@@ -14,12 +14,16 @@ says which class of one list corresponds to which of the other; :func:`convert_l
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pivotseg.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = 255
 
@@ -462,13 +466,21 @@ def label_lookup(source_classes: Sequence[str], target_classes: Sequence[str]) -
     return lut
 
 
+def _is_tensor(value) -> bool:
+    # Without torch imported there can be no tensor: data check stays on NumPy alone.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def convert_label(label, source_classes: Sequence[str], target_classes: Sequence[str]):
     """Re-express a label map (numpy or torch, ids ``0..K-1`` / 255) in another taxonomy.
 
     Pixels of source classes without a target counterpart become 255.
     """
     lut = label_lookup(source_classes, target_classes)
-    if isinstance(label, torch.Tensor):
+    if _is_tensor(label):
+        import torch
+
         return torch.as_tensor(lut, device=label.device)[label.long()]
     return lut[np.asarray(label, dtype=np.int64)]
 
@@ -481,7 +493,9 @@ def ignore_unmapped(label, source_classes: Sequence[str], target_classes: Sequen
     classes get NaN IoU (excluded from the mean).
     """
     missing = [target_classes.index(n) for n in unmapped_classes(source_classes, target_classes)]
-    if isinstance(label, torch.Tensor):
+    if _is_tensor(label):
+        import torch
+
         out = label.clone()
         out[torch.isin(out, torch.tensor(missing, device=label.device, dtype=out.dtype))] = 255
         return out
@@ -526,6 +540,8 @@ def convert_logits(
             f"no class of the model maps to {', '.join(refused)}; score on the mapped classes "
             "only (required=..., ignore_unmapped on the labels) or add a mapping"
         )
+    import torch
+
     mapping = class_mapping(source_classes, target_classes)
     b, _, h, w = logits.shape
     out = logits.new_full((b, len(target_classes), h, w), float("-inf"))

@@ -380,6 +380,11 @@ class Trainer:
                         f"resume with: {self.resume_hint}"
                     )
                 if stopping:
+                    if not final and self.is_main:
+                        tqdm.write(
+                            f"pivotseg: stopped at iteration {done} of {total} as asked; saved "
+                            f"{self.last_checkpoint}; resume with: {self.resume_hint}"
+                        )
                     break
         finally:
             progress.close()

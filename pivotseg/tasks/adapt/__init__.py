@@ -5,9 +5,11 @@
 - :func:`adapt_stream` (``pivotseg predict RUN DIR --adapt``): online, predict each frame, then
   update.
 - Methods (:class:`AdaptSettings`): ``spl`` (DPFT: mean-teacher self-training of the prompt
-  bank, U and gamma, class-balanced pseudo-labels, set pivots moved toward the target, pivot
-  loss, stochastic restore and reset on drift), ``selftrain`` (the same without pivots, e.g.
-  on Rein), ``tent`` (entropy minimisation of the normalisation layers' affine parameters).
+  bank, U and gamma, set pivots moved toward the target, pivot loss, reset on drift; offline
+  with source replay, ClassMix and the head in the student, DAFormer-style, :mod:`.uda`;
+  source-free with class-balanced pseudo-labels and stochastic restore), ``selftrain`` (the
+  same without pivots, e.g. on Rein), ``tent`` (entropy minimisation of the normalisation
+  layers' affine parameters, always source-free).
 """
 
 from pivotseg.tasks.adapt.adapter import build_adapter, resolve_method

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pivotseg.errors import ConfigError
 from pivotseg.segmenter import Segmenter
 from pivotseg.tasks.adapt.params import norm_affine_parameters
+from pivotseg.tasks.adapt.replay import SourceReplay
 from pivotseg.tasks.adapt.selftrain import SelfTrainer
 from pivotseg.tasks.adapt.settings import AdaptSettings
 from pivotseg.tasks.adapt.tent import Tent
+from pivotseg.tasks.adapt.uda import ReplayTrainer
 from pivotseg.tuning.base import TuningMethod
 
 
@@ -62,9 +64,19 @@ def resolve_method(model: Segmenter, requested: str) -> str:
     )
 
 
-def build_adapter(model: Segmenter, settings: AdaptSettings) -> SelfTrainer | Tent:
-    """The adapter of ``settings.method`` (``auto`` resolved) for ``model``."""
+def build_adapter(
+    model: Segmenter, settings: AdaptSettings, source: SourceReplay | None = None
+) -> SelfTrainer | Tent:
+    """The adapter of ``settings.method`` (``auto`` resolved) for ``model``; self-training
+    replays ``source`` when given (offline), TENT never does."""
     method = resolve_method(model, settings.method)
     if method == "tent":
         return Tent(model, settings)
+    if source is not None:
+        return ReplayTrainer(model, settings, pivots=method == "spl", source=source)
     return SelfTrainer(model, settings, pivots=method == "spl")
+
+
+def replays_source(model: Segmenter, settings: AdaptSettings) -> bool:
+    """Whether an offline adaptation with ``settings`` trains on the source data too."""
+    return settings.source_replay and resolve_method(model, settings.method) != "tent"

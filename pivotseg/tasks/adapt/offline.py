@@ -8,6 +8,8 @@ unchanged::
     NEW_RUN/env.json                    versions and machine
     NEW_RUN/metrics.jsonl               one record per step (teacher confidence, pseudo-label
                                         coverage per class, resets, losses)
+    NEW_RUN/class_stats.json            with source replay and rare-class sampling: the source's
+                                        pixel counts (copied from the source run when there)
     NEW_RUN/checkpoints/last/           segmenter.json + model.safetensors (the deployed model)
 
 It is written into a hidden sibling folder (``.NEW_RUN.adapting-<pid>``) and renamed at the
@@ -35,9 +37,10 @@ from pivotseg.engine.checkpoint import find_run_config, resolve_model_folder
 from pivotseg.engine.run_folder import RunFolder, collect_env
 from pivotseg.errors import ConfigError
 from pivotseg.segmenter import WEIGHTS_FILE, Segmenter
-from pivotseg.tasks.adapt.adapter import build_adapter
+from pivotseg.tasks.adapt.adapter import build_adapter, replays_source
 from pivotseg.tasks.adapt.images import list_images, load_image, stack
 from pivotseg.tasks.adapt.params import only_these_require_grad
+from pivotseg.tasks.adapt.replay import SourceReplay
 from pivotseg.tasks.adapt.settings import AdaptSettings
 
 ADAPT_FILE = "adapt.json"
@@ -49,6 +52,13 @@ def _remove_stale_temporaries(out: Path) -> None:
         pid = tmp.name.rsplit("-", 1)[1]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_dir(checkpoint: Path) -> Path | None:
+    """The run folder above a checkpoint folder (``RUN/checkpoints/NAME``), if it is one."""
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent
+    return None
 
 
 def _alive(pid: int) -> bool:
@@ -113,7 +123,8 @@ def adapt_run(
 
     Raises:
         ConfigError: ``out`` exists, or the run's tuning method cannot adapt that way.
-        DataError: the image folder is missing, empty or holds an unreadable image.
+        DataError: the image folder is missing, empty or holds an unreadable image; with
+            source replay, the run's source data is not where its config.yaml says.
         CheckpointError: ``run`` is not a run or checkpoint folder.
     """
     from pivotseg.segmenter import load_segmenter
@@ -129,21 +140,33 @@ def adapt_run(
         settings.resize_short = run_cfg.data.eval_resize_short
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_segmenter(folder, backbone_source=backbone_source).to(device).eval()
-    adapter = build_adapter(model, settings)
+    replay = replays_source(model, settings)
+    if replay and run_cfg is None:
+        raise ConfigError(
+            f"{folder}: source replay needs the run's config.yaml (its data.source) and none "
+            "was found beside this checkpoint; adapt with --no-source-replay"
+        )
     steps = settings.steps or math.ceil(len(files) / settings.batch_size)
+    resolved = settings.resolved(replay)
 
     _remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.adapting-{os.getpid()}")
     try:
         record = RunFolder(tmp, tensorboard=False)
         record.write_env(collect_env())
+        source = SourceReplay(run_cfg, settings.seed, tmp, _run_dir(folder)) if replay else None
+        adapter = build_adapter(model, settings, source)
         start = time.time()
         fill = model.pixel_mean.flatten()
         with only_these_require_grad(model, list(adapter.params.values())):
             order = _image_order(len(files), steps, settings.batch_size, settings.seed)
             for step, indices in enumerate(tqdm(order, desc="adapt", disable=not progress), 1):
                 batch = [load_image(files[i], settings.resize_short) for i in indices]
-                pixels, valid = stack(batch, fill, device)
+                if source is not None:
+                    pixels = adapter.crops(batch, fill, device)
+                    valid = torch.ones_like(pixels[:, 0], dtype=torch.bool)
+                else:
+                    pixels, valid = stack(batch, fill, device)
                 _, stats = adapter.step(pixels, valid)
                 record.log({"images": [files[i].name for i in indices], **stats}, step)
         adapter.finish()
@@ -157,11 +180,13 @@ def adapt_run(
             "images": str(Path(images).resolve()) if isinstance(images, (str, Path)) else None,
             "image_files": [str(p.resolve()) for p in files],
             "method": adapter.name,
-            "settings": {**settings.to_dict(), "method": adapter.name, "steps": steps},
+            "settings": {**resolved.to_dict(), "method": adapter.name, "steps": steps},
+            "source_replay": None if source is None else str(run_cfg.data.source.path),
             "resets": adapter.resets,
             "adapted_parameters": sorted(adapter.params),
             "adapted_parameter_count": sum(p.numel() for p in adapter.params.values()),
             "seconds": round(time.time() - start, 1),
+            "seconds_per_frame": round((time.time() - start) / (steps * settings.batch_size), 3),
         }
         (tmp / ADAPT_FILE).write_text(json.dumps(summary, indent=2))
         record.close()

@@ -129,6 +129,14 @@ def move_pivots(
     return sorted(moved)
 
 
+def student_parameters(model: Segmenter, head: bool) -> dict[str, torch.Tensor]:
+    """The tuning method's declared adaptable parameters, plus (``head``) the head's."""
+    named = dict(model.tuning.adaptable_parameters())
+    if head:
+        named.update((f"head.{n}", p) for n, p in model.head.named_parameters())
+    return named
+
+
 def pivot_state(model: Segmenter) -> dict[str, torch.Tensor]:
     """DPFT's pivot buffers by name (``tuning.pivot_banks.<width>.{pivots,valid}``)."""
     return {n: b for n, b in model.named_buffers() if n.startswith("tuning.pivot_banks.")}
@@ -143,10 +151,13 @@ class SelfTrainer:
         pivots: SPL mode: move DPFT's set pivots and add its pivot loss.
     """
 
+    replay = False
+
     def __init__(self, model: Segmenter, settings: AdaptSettings, pivots: bool):
+        settings = settings.resolved(replay=self.replay)
         self.model, self.settings, self.pivots = model, settings, pivots
         self.name = "spl" if pivots else "selftrain"
-        named = dict(model.tuning.adaptable_parameters())
+        named = student_parameters(model, settings.adapt_head)
         self.params = named
         generator = torch.Generator().manual_seed(settings.seed)
         state = pivot_state(model) if pivots else {}

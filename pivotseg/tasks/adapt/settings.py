@@ -13,6 +13,13 @@ from pivotseg.errors import ConfigError
 
 ADAPT_METHODS = ("auto", "spl", "selftrain", "tent")
 
+# Mode-dependent defaults (a field left at None takes the value of its mode). Source-free: the
+# online stream, or offline with ``source_replay=False``. Replay: offline with the run's labelled
+# source data beside the target (DAFormer-style UDA). Chosen on the source-side proxy
+# (bench/adapt_proxy.py, docs/methods.md "SPL mode"), never on target labels.
+SOURCE_FREE_DEFAULTS = {"lr": 1e-4, "restore_prob": 0.01, "adapt_head": False}
+REPLAY_DEFAULTS = {"lr": 1e-4, "restore_prob": 0.0, "adapt_head": True}
+
 
 @dataclass
 class AdaptSettings:
@@ -25,14 +32,29 @@ class AdaptSettings:
             the normalisation layers' affine parameters), or ``auto`` (spl for runs with set
             pivots, else selftrain when the method declares adaptable parameters, else tent).
         steps: optimiser steps (the budget); ``None``: one pass over the images.
-        batch_size: images per step (different sizes are padded and the padding ignored).
-        lr: Adam learning rate; 1e-4 is a tenth of the CPU recipes' source lr (a student at
-            5e-4 collapsed in the measurement of methods.md section 9).
+        batch_size: images per step (different sizes are padded and the padding ignored); with
+            source replay also the number of labelled source crops per step.
+        source_replay: offline only (``spl``/``selftrain``): each step also trains on labelled
+            crops of the run's source dataset (``data.source`` of its config.yaml) and on
+            ClassMix images (source classes pasted onto the target), DAFormer-style; the
+            stream (online) has no source and ignores it.
+        lr: Adam learning rate (None: the mode's default, see ``REPLAY_DEFAULTS`` and
+            ``SOURCE_FREE_DEFAULTS``); source-free 1e-4 is a tenth of the CPU recipes' source
+            lr (a student at 5e-4 collapsed in the measurement of methods.md section 9).
+        adapt_head: the segmentation head joins the student (None: on with source replay,
+            whose labelled source loss anchors it; off source-free, where nothing does).
+        pseudo_threshold: source replay: DAFormer's tau; a target image's pseudo-label loss is
+            weighted by the share of its pixels whose teacher confidence exceeds it, and only
+            those pixels move pivots and enter the pivot loss.
+        class_mix: source replay: ClassMix (half of the source crop's classes pasted onto the
+            target crop with their source labels) plus colour jitter and blur on the student's
+            input; off: the target crop and its pseudo-labels as they are.
         teacher_momentum: EMA momentum of the mean teacher; 0.99 gives it a memory of about 100
             steps, the size of our budgets (CoTTA's 0.999 suits its 40 x 400 steps and, over
             100 steps, barely moves the teacher: methods.md measured no change).
         restore_prob: per-element chance per step that a student parameter returns to its
-            source value (CoTTA's stochastic restore, p = 0.01).
+            source value (CoTTA's stochastic restore; None: 0.01 source-free, 0 with source
+            replay, whose source loss guards forgetting as in DAFormer).
         class_fraction: class-balanced selection (CBST): each class keeps the most confident
             ``class_fraction`` of the pixels the teacher gives it, so small classes get
             pseudo-labels too (a global 0.9 threshold left them none).
@@ -56,9 +78,13 @@ class AdaptSettings:
     method: str = "auto"
     steps: int | None = None
     batch_size: int = 1
-    lr: float = 1e-4
+    source_replay: bool = True
+    lr: float | None = None
+    adapt_head: bool | None = None
+    pseudo_threshold: float = 0.968
+    class_mix: bool = True
     teacher_momentum: float = 0.99
-    restore_prob: float = 0.01
+    restore_prob: float | None = None
     class_fraction: float = 0.5
     confidence_floor: float = 0.5
     threshold_momentum: float = 0.9
@@ -79,9 +105,10 @@ class AdaptSettings:
             raise ConfigError(f"steps={self.steps}: give a positive number of steps")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size}: give at least 1")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr={self.lr}: give a positive learning rate")
         for name in (
+            "pseudo_threshold",
             "teacher_momentum",
             "restore_prob",
             "class_fraction",
@@ -93,6 +120,8 @@ class AdaptSettings:
             "smoothing",
         ):
             value = getattr(self, name)
+            if value is None:
+                continue
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name}={value}: give a value in [0, 1]")
         if self.class_fraction == 0.0:
@@ -116,3 +145,10 @@ class AdaptSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def resolved(self, replay: bool) -> AdaptSettings:
+        """A copy with every None field set to its mode's default (``replay``: source replay
+        on, i.e. offline self-training with a reachable source; else source-free)."""
+        defaults = REPLAY_DEFAULTS if replay else SOURCE_FREE_DEFAULTS
+        given = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return AdaptSettings.with_overrides(self, source_replay=replay, **given)

@@ -25,6 +25,7 @@ class Tent:
     name = "tent"
 
     def __init__(self, model: Segmenter, settings: AdaptSettings):
+        settings = settings.resolved(replay=False)  # TENT is source-free by definition
         self.model = model
         self.params = dict(norm_affine_parameters(model))
         if not self.params:

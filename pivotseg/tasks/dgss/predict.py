@@ -1,11 +1,13 @@
-"""Predict label maps for a folder of images and write them as PNGs.
+"""Predict label maps for images and write them as PNGs; the same inference for one image in
+Python (:meth:`pivotseg.segmenter.Segmenter.predict`).
 
 The per-image work is split so that other commands can reuse it: :func:`plan_outputs` (which
 PNG each image gets; refuses collisions and existing files), :func:`read_images` (an iterator of
-``(path, image)``), :func:`predict_labels` (one image to a label map at its own size under a
-:class:`ResizePolicy`) and :func:`render` (the PNG content).
+``(path, image)``), :func:`inference_settings` (the run's inference mode and
+:class:`ResizePolicy`, with overrides), :func:`segment` (one image to a label map, and
+optionally class probabilities, at its own size) and :func:`render` (the PNG content).
 
-Output names: ``<stem>.png`` when no other image of the folder has the same stem (compared
+Output names: ``<stem>.png`` when no other image has the same stem (compared
 case-insensitively), otherwise ``<file name>.png`` (``a.jpg`` -> ``a.jpg.png``), so that the
 output's stem is the image's file name.
 """
@@ -24,9 +26,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pivotseg.data.io import IMAGE_EXTENSIONS, image_size, read_image
+from pivotseg.config import EvalConfig
+from pivotseg.data.io import IMAGE_EXTENSIONS, image_size, pil_to_rgb, read_image
 from pivotseg.data.transforms import resize_image
-from pivotseg.engine.checkpoint import find_run_config, resolve_model_folder
+from pivotseg.engine.checkpoint import resolve_model_folder
 from pivotseg.errors import ConfigError, DataError
 from pivotseg.tasks.dgss.evaluate import eval_config_for, infer_logits
 
@@ -59,34 +62,70 @@ def palette_for(class_names: Sequence[str] | None, num_classes: int) -> np.ndarr
     return (np.asarray(colours) * 255).round().astype(np.uint8)
 
 
-def render(pred: np.ndarray, image: np.ndarray, palette: np.ndarray, fmt: str) -> Image.Image:
-    """The PNG content of one prediction in ``fmt`` (label, color or overlay)."""
+def render(
+    pred: np.ndarray,
+    image: np.ndarray,
+    palette: np.ndarray,
+    fmt: str,
+    class_names: Sequence[str] | None = None,
+    legend: bool = True,
+) -> Image.Image:
+    """The PNG content of one prediction in ``fmt`` (label, color or overlay).
+
+    ``overlay`` blends the class colours 50/50 on the image and, unless ``legend`` is false,
+    adds a legend strip of the classes present beside it (:mod:`pivotseg.overlay`).
+    """
     if fmt == "label":
         return Image.fromarray(pred.astype(np.uint8))  # 2-D uint8: a grey "L" PNG
-    colour = palette[pred]
     if fmt == "color":
-        return Image.fromarray(colour)
-    # round((a + b) / 2) with ties to even, in place in uint16: float copies of an 8000x8000
-    # image take gigabytes and 40x the time.
-    total = image.astype(np.uint16)
-    total += colour
-    half = total >> 1
-    total &= half
-    total &= 1
-    half += total
-    return Image.fromarray(half.astype(np.uint8))
+        return Image.fromarray(palette[pred])
+    from pivotseg.overlay import overlay_image
+
+    return overlay_image(image, pred, palette, class_names, legend)
 
 
 # ----- which file each prediction goes to ----------------------------------------------------
-def list_images(images_dir: str | Path) -> list[Path]:
-    """The images of a folder (not searched recursively), sorted by name."""
-    images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise DataError(f"{images_dir}: not a folder of images")
-    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(f"{images_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    return files
+def list_images(images: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Image files: a folder's (sorted by name, not searched recursively), or the files and
+    folders given, in the order given.
+
+    A file named directly is taken whatever its extension (it must still open as an image).
+
+    Raises:
+        DataError: a path that does not exist, a folder without images, or two different
+            files of the same name (their PNGs would meet in one output folder).
+    """
+    items = [images] if isinstance(images, (str, Path)) else list(images)
+    if not items:
+        raise DataError("no images given; pass image files or a folder of images")
+    files: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise DataError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise DataError(f"{item}: no such image file or folder; check the path")
+    return _distinct_names(files)
+
+
+def _distinct_names(files: list[Path]) -> list[Path]:
+    """``files`` without repeats of one file; two different files of one name are refused."""
+    seen: dict[str, Path] = {}
+    kept = []
+    for path in files:
+        first = seen.setdefault(path.name.casefold(), path)
+        if first is path:
+            kept.append(path)
+        elif not first.samefile(path):
+            raise DataError(
+                f"{first} and {path}: two images named {path.name}, whose PNGs would have the "
+                "same name; rename one or predict them into separate --out folders"
+            )
+    return kept
 
 
 def output_names(files: Sequence[Path]) -> list[str]:
@@ -196,6 +235,36 @@ def resize_policy_for(
     return ResizePolicy(short, max_long or None, min_input_side(model))
 
 
+def inference_settings(
+    model: torch.nn.Module,
+    mode: str | None = None,
+    crop: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+    resize_short: int | None = None,
+    max_long: int | None = None,
+) -> tuple[EvalConfig, ResizePolicy]:
+    """How ``model`` segments an image: its run's ``eval`` section and resize policy
+    (``model.run_config``, set by :func:`~pivotseg.segmenter.load_segmenter`; defaults without
+    one), with the given overrides (``None`` keeps the run's).
+
+    Raises:
+        ConfigError: a slide window smaller than the model's minimum input side.
+    """
+    own = getattr(model, "inference_settings", None)
+    if own is not None:  # an OnnxSegmenter: its sidecar holds the run's settings
+        return own(mode, crop, stride, resize_short, max_long)
+    run_cfg = getattr(model, "run_config", None)
+    eval_cfg = eval_config_for(run_cfg, mode, crop, stride)
+    policy = resize_policy_for(run_cfg, model, resize_short, max_long)
+    if eval_cfg.mode == "slide" and min(eval_cfg.crop) < policy.min_side:
+        raise ConfigError(
+            f"slide window {eval_cfg.crop[0]}x{eval_cfg.crop[1]} (--crop, else the run's "
+            f"eval.crop): this model needs windows of at least {policy.min_side} pixels; pass "
+            f"--crop {policy.min_side} or larger"
+        )
+    return eval_cfg, policy
+
+
 def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Class indices ``(H, W)`` of ``(1, K, h, w)`` logits bilinearly resized to ``size``.
 
@@ -244,27 +313,134 @@ def _argmax_classes(scores: torch.Tensor) -> torch.Tensor:
     return index
 
 
+# ----- one image ----------------------------------------------------------------------------
+@dataclass
+class Prediction:
+    """One image segmented at its own size (:meth:`pivotseg.segmenter.Segmenter.predict`).
+
+    Attributes:
+        labels: class indices ``(H, W)``: the arg-max of the logits resized to the image, what
+            ``pivotseg predict`` writes (int64 from ``Segmenter.predict``).
+        probabilities: ``float32 (K, H, W)``, or ``None`` when not asked for. Softmax of the
+            resized logits; for a ``mask2former`` head, whose scores are sums of class times
+            mask probabilities rather than logits, the scores divided by their sum. Their
+            arg-max is ``labels`` up to float ties.
+    """
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None = None
+
+
 @torch.no_grad()
-def predict_labels(
+def segment(
     model: torch.nn.Module,
     image: np.ndarray,
-    eval_cfg,
+    eval_cfg: EvalConfig,
     policy: ResizePolicy,
     device: torch.device | str = "cpu",
-) -> np.ndarray:
-    """Class indices ``(H, W)`` of one ``uint8 (H, W, 3)`` image, at the image's own size."""
+    probabilities: bool = False,
+) -> Prediction:
+    """One ``uint8 (H, W, 3)`` image at the policy's size, brought back to ``(H, W)``.
+
+    Labels come in the smallest integer type that holds the classes (uint8 up to 256).
+    """
     h, w = image.shape[:2]
     small = resize_image(image, policy.size_for(h, w))
     pixels = torch.from_numpy(small.astype(np.float32)).permute(2, 0, 1)[None]
     logits = infer_logits(model, pixels.to(device), eval_cfg).float()
-    return upsampled_argmax(logits, (h, w)).cpu().numpy()
+    labels = upsampled_argmax(logits, (h, w)).cpu().numpy()
+    if not probabilities:
+        return Prediction(labels)
+    return Prediction(labels, class_probabilities(model, logits, (h, w)))
+
+
+def predict_labels(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    eval_cfg: EvalConfig,
+    policy: ResizePolicy,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Class indices ``(H, W)`` of one ``uint8 (H, W, 3)`` image, at the image's own size."""
+    return segment(model, image, eval_cfg, policy, device).labels
+
+
+def class_probabilities(
+    model: torch.nn.Module, logits: torch.Tensor, size: tuple[int, int]
+) -> np.ndarray:
+    """``float32 (K, *size)`` of ``(1, K, h, w)`` scores (see :class:`Prediction`)."""
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    scores = logits[0]
+    if model.config.head == "mask2former":
+        scores = scores.clamp_(min=0)
+        scores /= scores.sum(0, keepdim=True).clamp_(min=torch.finfo(scores.dtype).tiny)
+    else:
+        # In place: the full-size map is as large as the result.
+        scores -= scores.amax(0, keepdim=True)
+        scores.exp_()
+        scores /= scores.sum(0, keepdim=True)
+    return scores.cpu().numpy()
+
+
+def image_array(image) -> np.ndarray:
+    """``uint8 (H, W, 3)`` RGB from a path, a PIL image or such an array.
+
+    Paths and PIL images are converted as ``pivotseg predict`` reads files (grey, palette,
+    alpha and 16-bit images: :func:`pivotseg.data.io.read_image`).
+
+    Raises:
+        DataError: a missing file, an unreadable one, or an array of another shape or type.
+    """
+    if isinstance(image, (str, Path)):
+        if not Path(image).is_file():
+            raise DataError(f"{image}: no such image file; check the path")
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        return pil_to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+            return image
+        raise DataError(
+            f"image array of shape {image.shape} and type {image.dtype}: give uint8 RGB "
+            "(H, W, 3); for grey, alpha or 16-bit arrays pass PIL.Image.fromarray(array), "
+            "which is converted as pivotseg predict converts files"
+        )
+    raise DataError(
+        f"image of type {type(image).__name__}: give a file path, a PIL image or a uint8 "
+        "(H, W, 3) numpy array"
+    )
+
+
+def predict_image(
+    model: torch.nn.Module,
+    image,
+    *,
+    probabilities: bool = True,
+    mode: str | None = None,
+    crop: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+    resize_short: int | None = None,
+    max_long: int | None = None,
+) -> Prediction:
+    """:meth:`pivotseg.segmenter.Segmenter.predict` (the documentation is there)."""
+    pixels = image_array(image)
+    eval_cfg, policy = inference_settings(model, mode, crop, stride, resize_short, max_long)
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.pixel_mean.device
+        result = segment(model, pixels, eval_cfg, policy, device, probabilities)
+    finally:
+        model.train(was_training)
+    return Prediction(result.labels.astype(np.int64), result.probabilities)
 
 
 # ----- the command --------------------------------------------------------------------------
 @torch.no_grad()
 def predict(
     checkpoint: str | Path,
-    images_dir: str | Path,
+    images: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     format: str = "label",
     mode: str | None = None,
@@ -276,15 +452,19 @@ def predict(
     max_long: int | None = None,
     overwrite: bool = False,
     labeller: Callable | None = None,
+    legend: bool = True,
+    engine: str | None = None,
 ) -> list[Path]:
-    """Segment every image of ``images_dir`` into one PNG each in ``out_dir``.
+    """Segment images into one PNG each in ``out_dir``.
 
     Args:
-        checkpoint: a run folder or a checkpoint folder.
-        images_dir: a folder of images (jpg, png, ...), not searched recursively.
+        checkpoint: a run folder or a checkpoint folder, or an ``.onnx`` export.
+        images: a folder of images (jpg, png, ...; not searched recursively), an image file,
+            or a list of files and folders (:func:`list_images`).
         out_dir: where the PNGs go (created); names as in the module docstring.
         format: ``label`` (the class index as a uint8 grey PNG, e.g. Cityscapes trainIds),
-            ``color`` (class colours) or ``overlay`` (colours blended 50/50 on the image).
+            ``color`` (class colours) or ``overlay`` (colours blended 50/50 on the image, with
+            a legend strip beside it).
         mode, crop, stride: inference (default: the run's ``eval`` section, else whole-image).
         backbone_source: where the pretrained backbone is, if it moved since training.
         device: ``cpu``/``cuda``... (default: a GPU when there is one).
@@ -297,30 +477,34 @@ def predict(
             of per-image inference, where ``frames`` yields ``(path, image)`` and ``size_for``
             is the resize policy's (``pivotseg predict --adapt`` passes
             :func:`pivotseg.tasks.adapt.stream_labeller`: predict each frame, then adapt).
+        legend: with ``overlay``, draw the legend strip (false: PNGs of the image's size).
+        engine: ``torch`` or ``onnxruntime`` (:mod:`pivotseg.deploy`; a run is exported
+            first); default ``onnxruntime`` for an ``.onnx`` file, else ``torch``.
 
     Returns:
-        The written files, one per image, in the order of the sorted image names.
+        The written files, one per image, in the order of :func:`list_images`.
     """
+    from pivotseg.deploy.onnx_runtime import check_engine, open_onnx_model
     from pivotseg.segmenter import load_segmenter
 
     if format not in FORMATS:
         raise ConfigError(f"--format {format!r}: use one of {', '.join(FORMATS)}")
-    plan = plan_outputs(list_images(images_dir), out_dir, overwrite)
+    plan = plan_outputs(list_images(images), out_dir, overwrite)
     for image, _ in plan:
         image_size(image)  # a file that is no image stops the run before anything is written
-    folder = resolve_model_folder(checkpoint)
-    run_cfg = find_run_config(folder)
-    eval_cfg = eval_config_for(run_cfg, mode, crop, stride)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_segmenter(folder, backbone_source=backbone_source).to(device).eval()
-    policy = resize_policy_for(run_cfg, model, resize_short, max_long)
-    if eval_cfg.mode == "slide" and min(eval_cfg.crop) < policy.min_side:
-        raise ConfigError(
-            f"slide window {eval_cfg.crop[0]}x{eval_cfg.crop[1]} (--crop, else the run's "
-            f"eval.crop): this model needs windows of at least {policy.min_side} pixels; pass "
-            f"--crop {policy.min_side} or larger"
-        )
-    palette = palette_for(model.config.class_names, model.config.num_classes)
+    engine = check_engine(checkpoint, engine)
+    if engine == "onnxruntime":
+        if labeller is not None:
+            raise ConfigError("--adapt trains the model as it predicts: use --engine torch")
+        device = torch.device("cpu")  # ONNX Runtime's CPU provider reads and writes CPU memory
+        model = open_onnx_model(checkpoint, backbone_source)
+    else:
+        folder = resolve_model_folder(checkpoint)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = load_segmenter(folder, backbone_source=backbone_source).to(device).eval()
+    eval_cfg, policy = inference_settings(model, mode, crop, stride, resize_short, max_long)
+    names, num_classes = model.config.class_names, model.config.num_classes
+    palette = palette_for(names, num_classes)
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     targets = dict(plan)
@@ -334,6 +518,7 @@ def predict(
     else:
         labelled = labeller(model, frames, policy.size_for)
     for path, image, pred in labelled:
-        render(pred, image, palette, format).save(targets[path], format="PNG")
+        png = render(pred, image, palette, format, names, legend)
+        png.save(targets[path], format="PNG")
         written.append(targets[path])
     return written

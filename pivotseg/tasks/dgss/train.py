@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import warnings
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from pivotseg.engine.checkpoint import resolve_checkpoint
 from pivotseg.engine.distributed import all_gather_objects
 from pivotseg.engine.run_folder import RunClaim
 from pivotseg.errors import ConfigError
-from pivotseg.tasks.dgss.evaluate import evaluate_datasets, open_eval_datasets
+from pivotseg.tasks.dgss.evaluate import evaluate_datasets, open_eval_datasets, spread
+
+__all__ = ["run_folder_of", "spread", "train"]
 
 
 def run_folder_of(resume: str | Path) -> tuple[Path, Path]:
@@ -38,7 +41,6 @@ def train(
     stop_at: int | None = None,
     *,
     overwrite: bool = False,
-    eval_frames: int | None = None,
 ) -> Path:
     """Train ``cfg.model`` on ``cfg.data.source``; returns the run folder.
 
@@ -55,8 +57,9 @@ def train(
             ``cfg.train.iterations``), to fit a job into a time limit.
         overwrite: start afresh in a ``cfg.run_dir`` that is not empty: the earlier run's
             files are removed once set-up succeeded; other files there are kept.
-        eval_frames: evaluate on at most this many evenly spaced frames of each evaluation
-            dataset (smoke runs such as ``bench dg --quick``); ``None`` = all.
+
+    The evaluations score at most ``cfg.eval.limit`` evenly spaced frames of each dataset
+    (``None``: every frame).
 
     Raises:
         RunFolderBusy: another process trains in the folder (its pid, host and start named).
@@ -70,8 +73,6 @@ def train(
         raise ConfigError("data.source is not set; give the training dataset (path, format, split)")
     if resume is not None and overwrite:
         raise ConfigError("--overwrite starts a run afresh and --resume continues one; give one")
-    if eval_frames is not None and eval_frames < 1:
-        raise ConfigError(f"eval_frames={eval_frames}: give at least 1 (or None for all)")
     checkpoint = None
     if resume is not None:
         run_dir, checkpoint = run_folder_of(resume)
@@ -87,7 +88,7 @@ def train(
     )
     _start_on_every_process(claim)
     with claim:
-        _train_in(cfg, run_dir, checkpoint, accelerator, claim, stop_at, eval_frames)
+        _train_in(cfg, run_dir, checkpoint, accelerator, claim, stop_at)
     return run_dir
 
 
@@ -105,7 +106,7 @@ def _start_on_every_process(claim: RunClaim) -> None:
         raise ConfigError(refusal)
 
 
-def _train_in(cfg, run_dir, checkpoint, accelerator, claim, stop_at, eval_frames) -> None:
+def _train_in(cfg, run_dir, checkpoint, accelerator, claim, stop_at) -> None:
     from pivotseg.data import build_dataset, collate
     from pivotseg.data.rare_classes import rare_class_sampling
     from pivotseg.data.transforms import train_transforms
@@ -143,9 +144,6 @@ def _train_in(cfg, run_dir, checkpoint, accelerator, claim, stop_at, eval_frames
 
     eval_specs = ([data.val] if data.val is not None else []) + list(data.targets)
     eval_sets = open_eval_datasets(eval_specs, data.eval_resize_short)
-    if eval_frames is not None:
-        for dataset in eval_sets.values():
-            dataset.samples = spread(dataset.samples, eval_frames)
     val_name = data.val.label if data.val is not None else None
 
     def evaluate(model, iteration):
@@ -177,17 +175,12 @@ def _train_in(cfg, run_dir, checkpoint, accelerator, claim, stop_at, eval_frames
         evaluate=evaluate if eval_sets else None,
         save_model=model.save,
         accelerator=accelerator,
-        resume_hint=f"pivotseg train {run_dir / 'config.yaml'} --resume {run_dir}",
+        resume_hint=shlex.join(
+            ["pivotseg", "train", str(run_dir / "config.yaml"), "--resume", str(run_dir)]
+        ),
         class_sampling=rare_class_sampling(train_set, data.rare_class_sampling, run_dir),
     )
     trainer.fit(resume=checkpoint, stop_at=stop_at)
-
-
-def spread(items: list, count: int) -> list:
-    """``count`` evenly spaced items of ``items`` (all of them if there are no more)."""
-    if len(items) <= count:
-        return list(items)
-    return [items[i * len(items) // count] for i in range(count)]
 
 
 def _check_classes(cfg: RunConfig, classes: list[str]) -> None:

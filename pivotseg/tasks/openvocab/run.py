@@ -54,9 +54,15 @@ def predict_images(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
     palette: Sequence[Sequence[int]] | None = None,
+    overlay: bool = False,
+    legend: bool = True,
 ) -> list[Path]:
     """Segment images; writes ``<stem>.png`` (labels, uint8; background 255) and
     ``<stem>_color.png`` (class colours) into ``out_dir``.
+
+    With ``overlay``, also ``<stem>_overlay.png``: the class colours blended on the image
+    (background pixels keep the image) with a legend strip beside it unless ``legend`` is false,
+    as ``pivotseg predict --format overlay`` draws it (:mod:`pivotseg.overlay`).
 
     Returns:
         The label PNGs written, in input order.
@@ -69,10 +75,17 @@ def predict_images(
     colours = class_palette(segmenter.num_classes, palette)
     written = []
     for path in tqdm(files, desc=f"ovseg {segmenter.variant}"):
-        labels = segmenter.predict(read_image(path)).astype(np.uint8)
+        image = read_image(path)
+        labels = segmenter.predict(image).astype(np.uint8)
         target = out_dir / f"{path.stem}.png"
         Image.fromarray(labels).save(target)
         Image.fromarray(colours[labels]).save(out_dir / f"{path.stem}_color.png")
+        if overlay:
+            from pivotseg.overlay import overlay_image
+
+            k = segmenter.num_classes
+            picture = overlay_image(image, labels, colours[:k], segmenter.class_names, legend)
+            picture.save(out_dir / f"{path.stem}_overlay.png")
         written.append(target)
     return written
 

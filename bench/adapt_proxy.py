@@ -1,0 +1,212 @@
+"""Source-side proxy for choosing adaptation settings: CamVid day val under other corruptions.
+
+    python bench/adapt_proxy.py --run dpft=RUN [--run rein=RUN] [--variant NAME:k=v,k=v ...] \
+        [--steps 100] [--out runs/adapt_proxy] [--json FILE]
+
+Every adaptation hyperparameter and design option of ``pivotseg adapt`` is chosen here, never on
+a target's labels. The proxy target is a copy of CamVid day **val** (the source's own validation
+sequence, 0016E5) with, per frame, one corruption that none of the real targets uses (the
+adverse Seq05VD target has fog, night, rain, snow, motion blur and glare; IDD is another
+country): JPEG at quality 8, Gaussian noise, a colour cast (hue, saturation and RGB shifts), or
+a 0.3x downscale. Frames are split in time: the first half is adapted on (images only), the
+second half is scored, corrupted ("proxy") and clean ("clean", how much adaptation costs on the
+source domain). The source runs train on CamVid day train, so the proxy uses nothing the
+targets hold.
+
+Each ``--variant`` is ``NAME:setting=value,...`` over :class:`~pivotseg.tasks.adapt.
+AdaptSettings` fields (``method``, ``source_replay``, ``adapt_head``, ``lr``, ...); the default
+variants are the design questions of docs/methods.md ("SPL mode"). ``--json`` keeps the rows
+for ``bench/adapt.py --proxy-json`` (which prints them in docs/benchmarks.md's "adapt" section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.report import machine, markdown_table  # noqa: E402
+from pivotseg.config import EvalConfig  # noqa: E402
+from pivotseg.data import build_dataset  # noqa: E402
+from pivotseg.data.io import read_image  # noqa: E402
+from pivotseg.data.transforms import eval_transforms  # noqa: E402
+from pivotseg.engine.checkpoint import resolve_model_folder  # noqa: E402
+from pivotseg.paths import shared_path  # noqa: E402
+from pivotseg.segmenter import load_segmenter  # noqa: E402
+from pivotseg.tasks.adapt import adapt_run  # noqa: E402
+from pivotseg.tasks.dgss.evaluate import evaluate_datasets  # noqa: E402
+
+CORRUPTIONS = ("jpeg", "noise", "colour", "lowres")
+DEFAULT_VARIANTS = (
+    "source-free:source_replay=False",
+    "replay, dynamic parts only:adapt_head=False",
+    "replay + head:",
+    "replay + head, lr 5e-4:lr=5e-4",
+    "replay + head, no ClassMix:class_mix=False",
+)
+
+
+def proxy_transform(name: str):
+    """The albumentations pipeline of one proxy corruption (always applied)."""
+    import albumentations as A
+
+    steps = {
+        "jpeg": [A.ImageCompression(quality_range=(8, 8), p=1)],
+        "noise": [A.GaussNoise(std_range=(0.12, 0.12), p=1)],
+        "colour": [
+            A.HueSaturationValue(
+                hue_shift_limit=(25, 25), sat_shift_limit=(-50, -50), val_shift_limit=(0, 0), p=1
+            ),
+            A.RGBShift(r_shift_limit=(40, 40), g_shift_limit=(0, 0), b_shift_limit=(-40, -40), p=1),
+        ],
+        "lowres": [A.Downscale(scale_range=(0.3, 0.3), p=1)],
+    }[name]
+    return A.Compose(steps, p=1)
+
+
+def proxy_images(out: Path, seed: int = 0) -> tuple[list, list, Path]:
+    """``(adapt samples, score samples, folder of corrupted images)``: CamVid day val in time
+    order, split in half; each frame corrupted once (round-robin over a seeded permutation)."""
+    from PIL import Image
+
+    val = build_dataset(shared_path("data", "camvid_day"), "camvid", "val")
+    samples = sorted(val.samples, key=lambda s: s.image.name)
+    folder = out / "proxy_images"
+    folder.mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(seed).permutation(len(samples))
+    assignment = {int(j): CORRUPTIONS[i % len(CORRUPTIONS)] for i, j in enumerate(order)}
+    corrupted = []
+    for i, sample in enumerate(samples):
+        path = folder / f"{sample.image.stem}.png"
+        if not path.is_file():
+            transform = proxy_transform(assignment[i])
+            transform.set_random_seed(seed * 100_003 + i)
+            image = transform(image=read_image(sample.image))["image"]
+            Image.fromarray(image).save(path)
+        corrupted.append(replace(sample, image=path))
+    half = len(samples) // 2
+    return corrupted[:half], (samples[half:], corrupted[half:]), folder
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, body = text.partition(":")
+    settings = {}
+    for part in filter(None, body.split(",")):
+        key, value = part.split("=", 1)
+        settings[key.strip()] = json.loads(value.lower() if value in ("True", "False") else value)
+    return name.strip(), settings
+
+
+def score(model, clean, corrupt) -> dict:
+    datasets = {"proxy": corrupt, "clean": clean}
+    record = evaluate_datasets(model, datasets, EvalConfig(mode="whole"))
+    return {k: record["targets"][k]["miou"] for k in datasets}
+
+
+def run_rows(args) -> dict:
+    out = Path(args.out)
+    adapt, (clean_s, corrupt_s), _ = proxy_images(out)
+    images = [s.image for s in adapt]
+    clean = build_dataset(
+        shared_path("data", "camvid_day"), "camvid", "val", transform=eval_transforms()
+    )
+    corrupt = build_dataset(
+        shared_path("data", "camvid_day"), "camvid", "val", transform=eval_transforms()
+    )
+    clean.samples, corrupt.samples = clean_s, corrupt_s
+    variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
+    print(f"proxy: adapt on {len(images)} corrupted frames, score {len(corrupt_s)}", flush=True)
+    rows = []
+    for spec in args.run:
+        name, run = spec.split("=", 1)
+        model = load_segmenter(resolve_model_folder(run))
+        rows.append({"run": name, "variant": "source only", **score(model, clean, corrupt)})
+        print(rows[-1], flush=True)
+        for index, (variant, settings) in enumerate(variants):
+            folder = out / f"{name}_{index}"
+            shutil.rmtree(folder, ignore_errors=True)
+            start = time.time()
+            adapt_run(run, images, folder, steps=args.steps, progress=False, **settings)
+            seconds = time.time() - start
+            summary = json.loads((folder / "adapt.json").read_text())
+            adapted = load_segmenter(resolve_model_folder(folder))
+            rows.append(
+                {
+                    "run": name,
+                    "variant": variant,
+                    "settings": settings,
+                    "method": summary["method"],
+                    **score(adapted, clean, corrupt),
+                    "resets": summary["resets"],
+                    "sec_per_frame": round(seconds / (args.steps or len(images)), 2),
+                }
+            )
+            print(rows[-1], flush=True)
+    return {
+        "adapt_frames": len(images),
+        "score_frames": len(corrupt_s),
+        "steps": args.steps,
+        "command": "python bench/adapt_proxy.py " + shlex.join(sys.argv[1:]),
+        "machine": machine(),
+        "rows": rows,
+    }
+
+
+def report(result: dict) -> str:
+    """Markdown of the proxy rows (adapted minus source only per run)."""
+    base = {r["run"]: r for r in result["rows"] if r["variant"] == "source only"}
+    lines = []
+    for r in result["rows"]:
+        b = base[r["run"]]
+        adapted = r["variant"] != "source only"
+        lines.append(
+            [
+                r["run"],
+                r["variant"] + (f" ({r['method']})" if adapted else ""),
+                f"{r['proxy']:.2f}",
+                f"{r['proxy'] - b['proxy']:+.2f}" if adapted else "",
+                f"{r['clean']:.2f}",
+                f"{r['clean'] - b['clean']:+.2f}" if adapted else "",
+                r.get("resets", ""),
+                r.get("sec_per_frame", ""),
+            ]
+        )
+    table = markdown_table(
+        ["run", "variant", "proxy mIoU", "Δ", "clean mIoU", "Δ", "resets", "s/frame"], lines
+    )
+    return (
+        f"Proxy (bench/adapt_proxy.py, `{result['command']}`): CamVid day val with JPEG / noise "
+        f"/ colour-cast / low-resolution corruptions (none of the targets'), "
+        f"{result['adapt_frames']} frames adapted on, {result['score_frames']} later frames "
+        f"scored corrupted (proxy) and clean; {result['steps']} steps, batch 1, seed 0. "
+        "Settings were chosen on this table only.\n\n" + table
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", action="append", required=True, metavar="NAME=RUN")
+    parser.add_argument("--variant", action="append", metavar="NAME:k=v,...")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--out", default="runs/adapt_proxy")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+    result = run_rows(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    print(report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Offline self-training with source replay (DAFormer-style UDA), with SPL's set pivots.
+
+One step (``spl``; ``selftrain`` = without the pivot parts):
+
+1. the teacher (EMA of the student) predicts a target crop and its flip; the averaged softmax
+   gives pseudo-labels on every pixel and the confidence ``c``; the crop's pseudo-label weight
+   is ``q`` = share of its pixels with ``c > tau`` (DAFormer's quality estimate);
+2. spl: the set pivots move toward the class means of the teacher's pivot-block tokens over
+   pixels with ``c > tau`` (:func:`~pivotseg.tasks.adapt.selftrain.move_pivots`);
+3. ClassMix: half of a labelled source crop's classes are pasted onto the target crop with their
+   source labels (weight 1); the rest keeps the target's pseudo-labels (weight ``q``); colour
+   jitter and blur go on the mixed image;
+4. the student takes one Adam step on the source crop's cross-entropy plus the mixed image's
+   weighted cross-entropy (one forward of both), plus (spl) DPFT's pivot loss over both images
+   against the moved pivots (source classes with their labels, target ones above ``tau``);
+5. the teacher's EMA, and the drift guard's reset to the source (as source-free).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pivotseg.heads.base import IGNORE_INDEX
+from pivotseg.segmenter import Segmenter
+from pivotseg.tasks.adapt.replay import SourceReplay, class_mix, strong_augment
+from pivotseg.tasks.adapt.selftrain import SelfTrainer, _coverage, move_pivots
+from pivotseg.tasks.adapt.settings import AdaptSettings
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    pixel_weight: torch.Tensor | None = None,
+    class_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy with per-pixel weights, normalised as torch's class-weighted mean (by the
+    summed class weights of the labelled pixels), so that ``pixel_weight`` q < 1 scales the term
+    down as DAFormer's ``seg_weight`` does; a zero with a graph when no pixel is labelled."""
+    valid = labels != IGNORE_INDEX
+    if not valid.any():
+        return logits.sum() * 0.0
+    per_pixel = F.cross_entropy(
+        logits, labels, weight=class_weight, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    safe = labels.clamp_max(logits.shape[1] - 1)
+    norm = class_weight[safe][valid].sum() if class_weight is not None else valid.sum()
+    if pixel_weight is not None:
+        per_pixel = per_pixel * pixel_weight
+    return per_pixel.sum() / norm
+
+
+class ReplayTrainer(SelfTrainer):
+    """Mean-teacher self-training with source replay and ClassMix (DAFormer), optionally SPL.
+
+    Args:
+        model: the segmenter; its adapted parameters (declared ones, plus the head by default)
+            are the student.
+        settings: the hyperparameters (None fields take the replay defaults).
+        pivots: SPL mode: move DPFT's set pivots and add its pivot loss.
+        source: the labelled source crops (:class:`SourceReplay`).
+    """
+
+    replay = True
+
+    def __init__(
+        self, model: Segmenter, settings: AdaptSettings, pivots: bool, source: SourceReplay
+    ):
+        super().__init__(model, settings, pivots)
+        self.source = source
+        self.rng = np.random.default_rng([settings.seed, 7])
+        self.mix_generator = torch.Generator().manual_seed(settings.seed + 7919)
+        weights = (model.config.head_args or {}).get("ce_class_weights")
+        self.class_weight = None if weights is None else torch.tensor(weights, dtype=torch.float)
+
+    def crops(self, images: list[np.ndarray], fill: torch.Tensor, device) -> torch.Tensor:
+        """Target crops of the source crop's size, ``(B, 3, h, w)`` 0-255 on ``device``."""
+        crops = [self.source.target_crop(im, self.rng) for im in images]
+        return torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c in crops]).float().to(device)
+
+    def step(self, images: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One step on target crops ``images`` (``valid``: their real pixels)."""
+        model, tuning, s = self.model, self.model.tuning, self.settings
+        device = images.device
+        model.eval()
+        with torch.no_grad(), self.teacher.as_teacher():
+            plain = F.softmax(model(images).float(), dim=1)
+            tokens = tuning.cached_pivot_tokens() if self.pivots else {}
+            flipped = F.softmax(model(images.flip(-1)).float(), dim=1).flip(-1)
+        probs = (plain + flipped) / 2
+        with torch.no_grad(), self.teacher.as_source():
+            source_pred = F.softmax(model(images).float(), dim=1)
+        conf, pseudo = probs.max(1)
+        confident = valid & (conf > s.pseudo_threshold)
+        real = valid.flatten(1).sum(1).clamp_min(1)
+        quality = confident.flatten(1).sum(1) / real  # (B,) DAFormer's q
+        pseudo = torch.where(valid, pseudo, torch.full_like(pseudo, IGNORE_INDEX))
+        sure = torch.where(confident, pseudo, torch.full_like(pseudo, IGNORE_INDEX))
+        moved = (
+            move_pivots(tuning, tokens, sure, s.pivot_momentum, s.pivot_min_tokens)
+            if self.pivots
+            else []
+        )
+
+        src_images, src_labels = self.source.batch(images.shape[0])
+        src_images, src_labels = src_images.to(device), src_labels.to(device)
+        if s.class_mix:
+            mask = class_mix(src_images, src_labels, images, self.mix_generator)
+            mixed = torch.where(mask[:, None], src_images, images)
+            mixed = strong_augment(mixed, self.mix_generator)
+            mixed_labels = torch.where(mask, src_labels, pseudo)
+            mixed_weight = torch.where(mask, torch.ones_like(conf), quality[:, None, None])
+            pivot_labels = torch.where(mask, src_labels, sure)
+        else:
+            mask = torch.zeros_like(valid)
+            mixed, mixed_labels, pivot_labels = images, pseudo, sure
+            mixed_weight = quality[:, None, None].expand_as(conf)
+        with torch.enable_grad():
+            terms = self._replay_losses(
+                src_images, src_labels, mixed, mixed_labels, mixed_weight, pivot_labels
+            )
+            loss = sum(terms.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        self.optimizer.step()
+        self.teacher.after_student_step()
+
+        teacher_conf = float(plain.max(1).values[valid].mean())
+        source_conf = float(source_pred.max(1).values[valid].mean())
+        agreement = float((plain.argmax(1) == source_pred.argmax(1))[valid].float().mean())
+        reset = self.guard.update(teacher_conf, source_conf, agreement)
+        if reset:
+            self.teacher.reset()
+            self.optimizer.state.clear()
+            self.resets += 1
+        record = {
+            "teacher_conf": teacher_conf,
+            "source_conf": source_conf,
+            "agreement": agreement,
+            "pseudo_quality": float(quality.mean()),
+            "mixed_share": float(mask.float().mean()),
+            "coverage_per_class": _coverage(sure, valid, model.config.num_classes),
+            **{k: float(v.detach()) for k, v in terms.items()},
+            "reset": reset,
+            "resets": self.resets,
+        }
+        if self.pivots:
+            record["pivots_moved"] = moved
+        return probs, record
+
+    def _replay_losses(self, src, src_labels, mixed, mixed_labels, mixed_weight, pivot_labels):
+        tuning = self.model.tuning
+        weight = None if self.class_weight is None else self.class_weight.to(src.device)
+        n = src.shape[0]
+        # DPFT caches its PFF outputs for the pivot loss only in training mode.
+        tuning.train(self.pivots)
+        try:
+            logits = self.model(torch.cat([src, mixed])).float()
+            terms = {
+                "loss_source": weighted_cross_entropy(logits[:n], src_labels, None, weight),
+                "loss_target": weighted_cross_entropy(
+                    logits[n:], mixed_labels, mixed_weight, weight
+                ),
+            }
+            if self.pivots:
+                # eval mode: the pivot loss without the training-time EMA of the pivots toward
+                # labelled features (move_pivots moved them toward the target instead)
+                tuning.eval()
+                terms.update(tuning.extra_loss(torch.cat([src_labels, pivot_labels])))
+        finally:
+            tuning.eval()
+        return terms
