@@ -24,7 +24,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.memory import reset_peak, status_kb  # noqa: E402
+from bench.cases import reset_peak, run_case_process, status_kb  # noqa: E402
 
 SIZE = 512
 PER_CASE_TIMEOUT_S = 240
@@ -118,17 +117,7 @@ def run_case(label: str, threads: int, runs: int) -> dict:
         "--runs",
         str(runs),
     ]
-    try:
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=PER_CASE_TIMEOUT_S, cwd=ROOT
-        )
-    except subprocess.TimeoutExpired:
-        return {"skipped": f"over {PER_CASE_TIMEOUT_S} s"}
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"skipped": f"failed: {tail[:120]}"}
-    return json.loads(lines[-1])
+    return run_case_process(cmd, PER_CASE_TIMEOUT_S, ROOT)
 
 
 def main(argv=None) -> int:

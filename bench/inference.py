@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.memory import reset_peak, status_kb  # noqa: E402
+from bench.cases import reset_peak, run_case_process, status_kb  # noqa: E402
 
 PER_CASE_TIMEOUT_S = 600
 ENGINES = ("torch", "onnxruntime")
@@ -95,17 +94,7 @@ def run_case(engine: str, size: int, model_path: Path, threads: int, runs: int, 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", engine, "--size", str(size)]
     cmd += ["--model", str(model_path), "--threads", str(threads), "--runs", str(runs)]
     cmd += ["--logits", str(logits)]
-    try:
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=PER_CASE_TIMEOUT_S, cwd=ROOT
-        )
-    except subprocess.TimeoutExpired:
-        return {"skipped": f"over {PER_CASE_TIMEOUT_S} s"}
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"skipped": f"failed: {tail[:160]}"}
-    return json.loads(lines[-1])
+    return run_case_process(cmd, PER_CASE_TIMEOUT_S, ROOT)
 
 
 def build_checkpoint(method: str, folder: Path) -> Path:

@@ -454,6 +454,20 @@ def train_transforms(
     return Compose(steps, seed=seed)
 
 
+def train_transforms_of(data, seed: int | None) -> Compose:
+    """:func:`train_transforms` with the settings of a config's ``data`` section
+    (:class:`~pivotseg.config.DataConfig`), as training and source replay both build it."""
+    return train_transforms(
+        data.crop_size,
+        scales=data.scales,
+        cat_max_ratio=data.cat_max_ratio,
+        flip=data.flip,
+        photometric=data.photometric,
+        seed=seed,
+        max_size=data.max_size,
+    )
+
+
 def eval_transforms(resize_short: int | None = None, max_long: int | None = None) -> Compose:
     """Evaluation pipeline: optional keep-ratio resize of the *image*, then :class:`ToTensor`.
 

@@ -23,9 +23,7 @@ into the gate (first half, through SiLU) and the up projection (second half).
 from __future__ import annotations
 
 import math
-import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ import torch
 from pivotseg.backbones.base import describe_key_mismatch, state_mismatch
 from pivotseg.backbones.convert.read import load_released, tensor_dict
 from pivotseg.errors import CheckpointError, ConfigError
+from pivotseg.outputs import check_new_dir, staged_dir
 
 TOP_KEYS = (
     "cls_token",
@@ -319,19 +318,11 @@ def import_dinov2(path: str | Path, out: str | Path, num_heads: int | None = Non
         ConfigError: ``out`` holds files already.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out}: exists and is not an empty folder; give a new folder")
+    check_new_dir(out, "--out")
     state, _ = tensor_dict(load_released(path), path)
     model, config = dinov2_from_state(state, path, num_heads)
-    tmp = out.with_name(f".{out.name}.importing-{os.getpid()}")
-    try:
+    with staged_dir(out, "importing") as tmp:
         model.save_pretrained(str(tmp))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     fields = {k: v for k, v in config.items() if k != "layerscale"}
     return {
         "name": describe(config),

@@ -30,8 +30,6 @@ The run folder::
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -41,6 +39,7 @@ from pivotseg.backbones.convert import mmdet_mask2former as m2f
 from pivotseg.backbones.convert.dinov2_pth import backbone_name, describe, dinov2_from_state
 from pivotseg.backbones.convert.read import load_released, tensor_dict
 from pivotseg.errors import CheckpointError, ConfigError
+from pivotseg.outputs import check_new_dir, staged_dir
 
 REIN_PREFIX, BACKBONE_PREFIX, HEAD_PREFIX = "backbone.reins.", "backbone.", "decode_head."
 LORA_TOKENS = ("learnable_tokens_a", "learnable_tokens_b")
@@ -231,8 +230,7 @@ def import_rein(
     from pivotseg.segmenter import SegmenterConfig, build_segmenter
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out}: exists and is not an empty folder; give a new folder")
+    check_new_dir(out, "--out")
     state, meta = tensor_dict(load_released(path), path)
     reins, backbone_state, head_state = split_checkpoint(state, path)
     rein, tuning = rein_tensors(reins, path)
@@ -314,17 +312,10 @@ def import_rein(
         eval=EvalConfig(mode="slide", crop=image_size, stride=round(image_size * 2 / 3)),
         run_dir=str(out),
     )
-    tmp = out.with_name(f".{out.name}.importing-{os.getpid()}")
-    try:
+    with staged_dir(out, "importing") as tmp:
         segmenter.save(tmp / "checkpoints" / "last")
         save_config(run, tmp / "config.yaml")
         (tmp / IMPORT_FILE).write_text(json.dumps(report, indent=2))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

@@ -36,6 +36,7 @@ from pivotseg.config import save_config
 from pivotseg.engine.checkpoint import find_run_config, resolve_model_folder
 from pivotseg.engine.run_folder import RunFolder, collect_env
 from pivotseg.errors import ConfigError
+from pivotseg.outputs import staged_dir
 from pivotseg.segmenter import WEIGHTS_FILE, Segmenter
 from pivotseg.tasks.adapt.adapter import build_adapter, replays_source
 from pivotseg.tasks.adapt.images import list_images, load_image, stack
@@ -150,8 +151,7 @@ def adapt_run(
     resolved = settings.resolved(replay)
 
     _remove_stale_temporaries(out)
-    tmp = out.with_name(f".{out.name}.adapting-{os.getpid()}")
-    try:
+    with staged_dir(out, "adapting") as tmp:
         record = RunFolder(tmp, tensorboard=False)
         record.write_env(collect_env())
         source = SourceReplay(run_cfg, settings.seed, tmp, _run_dir(folder)) if replay else None
@@ -190,10 +190,4 @@ def adapt_run(
         }
         (tmp / ADAPT_FILE).write_text(json.dumps(summary, indent=2))
         record.close()
-        if out.exists():  # another process finished an adaptation into the same folder
-            raise ConfigError(f"{out}: appeared while adapting; give --out a new folder")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -44,7 +44,7 @@ class SourceReplay:
 
     def __init__(self, run_cfg, seed: int, work_dir: Path, stats_from: Path | None = None):
         from pivotseg.data import build_dataset
-        from pivotseg.data.transforms import train_transforms
+        from pivotseg.data.transforms import train_transforms_of
 
         data = run_cfg.data
         spec = data.source
@@ -55,15 +55,7 @@ class SourceReplay:
             )
         self.crop = _pair(data.crop_size)
         self.scales = list(data.scales) if data.scales else [max(self.crop)]
-        transform = train_transforms(
-            data.crop_size,
-            scales=data.scales,
-            cat_max_ratio=data.cat_max_ratio,
-            flip=data.flip,
-            photometric=data.photometric,
-            seed=seed,
-            max_size=data.max_size,
-        )
+        transform = train_transforms_of(data, seed)
         try:
             dataset = build_dataset(
                 spec.path, spec.format, spec.split, spec.domain, transform=transform,

@@ -175,14 +175,7 @@ class SelfTrainer:
     def step(self, images: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """One adaptation step; ``(teacher probabilities before the step (B, K, H, W), stats)``."""
         model, tuning, s = self.model, self.model.tuning, self.settings
-        model.eval()
-        with torch.no_grad(), self.teacher.as_teacher():
-            plain = F.softmax(model(images).float(), dim=1)
-            tokens = tuning.cached_pivot_tokens() if self.pivots else {}
-            flipped = F.softmax(model(images.flip(-1)).float(), dim=1).flip(-1)
-        probs = (plain + flipped) / 2
-        with torch.no_grad(), self.teacher.as_source():
-            source = F.softmax(model(images).float(), dim=1)
+        probs, plain, tokens, source = self._predict(images)
         conf, pseudo = probs.max(1)
         selected = self.thresholds.select(conf, pseudo, valid)
         labels = torch.where(selected, pseudo, torch.full_like(pseudo, IGNORE_INDEX))
@@ -192,14 +185,46 @@ class SelfTrainer:
             else []
         )
 
+        terms = self._optimise(lambda: self._student_losses(images, labels))
+        record = {
+            "pseudo_coverage": float(selected[valid].float().mean()),
+            "coverage_per_class": _coverage(labels, valid, model.config.num_classes),
+            "thresholds": [None if v != v else float(v) for v in self.thresholds.values],
+            **{k: float(v.detach()) for k, v in terms.items()},
+            **self._check_drift(plain, source, valid),
+        }
+        if self.pivots:
+            record["pivots_moved"] = moved
+        return probs, record
+
+    @torch.no_grad()
+    def _predict(self, images: torch.Tensor):
+        """``(teacher probabilities averaged with the flip, the teacher's unflipped ones, DPFT's
+        pivot-block tokens of that view (spl), the source model's probabilities)``."""
+        model, tuning = self.model, self.model.tuning
+        model.eval()
+        with self.teacher.as_teacher():
+            plain = F.softmax(model(images).float(), dim=1)
+            tokens = tuning.cached_pivot_tokens() if self.pivots else {}
+            flipped = F.softmax(model(images.flip(-1)).float(), dim=1).flip(-1)
+        with self.teacher.as_source():
+            source = F.softmax(model(images).float(), dim=1)
+        return (plain + flipped) / 2, plain, tokens, source
+
+    def _optimise(self, losses) -> dict:
+        """One Adam step of the student on the sum of ``losses()``, then the teacher's EMA;
+        returns the loss terms."""
         with torch.enable_grad():  # callers may predict under no_grad (pivotseg predict)
-            terms = self._student_losses(images, labels)
+            terms = losses()
             loss = sum(terms.values())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.optimizer.step()
         self.teacher.after_student_step()
+        return terms
 
+    def _check_drift(self, plain: torch.Tensor, source: torch.Tensor, valid: torch.Tensor) -> dict:
+        """Feed the drift guard; on a reset start over from the source. Its statistics."""
         teacher_conf = float(plain.max(1).values[valid].mean())
         source_conf = float(source.max(1).values[valid].mean())
         agreement = float((plain.argmax(1) == source.argmax(1))[valid].float().mean())
@@ -209,20 +234,13 @@ class SelfTrainer:
             self.thresholds.reset()
             self.optimizer.state.clear()
             self.resets += 1
-        record = {
+        return {
             "teacher_conf": teacher_conf,
             "source_conf": source_conf,
             "agreement": agreement,
-            "pseudo_coverage": float(selected[valid].float().mean()),
-            "coverage_per_class": _coverage(labels, valid, model.config.num_classes),
-            "thresholds": [None if v != v else float(v) for v in self.thresholds.values],
-            **{k: float(v.detach()) for k, v in terms.items()},
             "reset": reset,
             "resets": self.resets,
         }
-        if self.pivots:
-            record["pivots_moved"] = moved
-        return probs, record
 
     def _student_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
         tuning = self.model.tuning

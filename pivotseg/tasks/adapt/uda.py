@@ -71,8 +71,8 @@ class ReplayTrainer(SelfTrainer):
         self.source = source
         self.rng = np.random.default_rng([settings.seed, 7])
         self.mix_generator = torch.Generator().manual_seed(settings.seed + 7919)
-        weights = (model.config.head_args or {}).get("ce_class_weights")
-        self.class_weight = None if weights is None else torch.tensor(weights, dtype=torch.float)
+        # The head's own class weights (a buffer on the model's device), as in source training.
+        self.class_weight = getattr(model.head, "ce_class_weights", None)
 
     def crops(self, images: list[np.ndarray], fill: torch.Tensor, device) -> torch.Tensor:
         """Target crops of the source crop's size, ``(B, 3, h, w)`` 0-255 on ``device``."""
@@ -83,14 +83,7 @@ class ReplayTrainer(SelfTrainer):
         """One step on target crops ``images`` (``valid``: their real pixels)."""
         model, tuning, s = self.model, self.model.tuning, self.settings
         device = images.device
-        model.eval()
-        with torch.no_grad(), self.teacher.as_teacher():
-            plain = F.softmax(model(images).float(), dim=1)
-            tokens = tuning.cached_pivot_tokens() if self.pivots else {}
-            flipped = F.softmax(model(images.flip(-1)).float(), dim=1).flip(-1)
-        probs = (plain + flipped) / 2
-        with torch.no_grad(), self.teacher.as_source():
-            source_pred = F.softmax(model(images).float(), dim=1)
+        probs, plain, tokens, source_pred = self._predict(images)
         conf, pseudo = probs.max(1)
         confident = valid & (conf > s.pseudo_threshold)
         real = valid.flatten(1).sum(1).clamp_min(1)
@@ -116,34 +109,17 @@ class ReplayTrainer(SelfTrainer):
             mask = torch.zeros_like(valid)
             mixed, mixed_labels, pivot_labels = images, pseudo, sure
             mixed_weight = quality[:, None, None].expand_as(conf)
-        with torch.enable_grad():
-            terms = self._replay_losses(
+        terms = self._optimise(
+            lambda: self._replay_losses(
                 src_images, src_labels, mixed, mixed_labels, mixed_weight, pivot_labels
             )
-            loss = sum(terms.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        self.optimizer.step()
-        self.teacher.after_student_step()
-
-        teacher_conf = float(plain.max(1).values[valid].mean())
-        source_conf = float(source_pred.max(1).values[valid].mean())
-        agreement = float((plain.argmax(1) == source_pred.argmax(1))[valid].float().mean())
-        reset = self.guard.update(teacher_conf, source_conf, agreement)
-        if reset:
-            self.teacher.reset()
-            self.optimizer.state.clear()
-            self.resets += 1
+        )
         record = {
-            "teacher_conf": teacher_conf,
-            "source_conf": source_conf,
-            "agreement": agreement,
             "pseudo_quality": float(quality.mean()),
             "mixed_share": float(mask.float().mean()),
             "coverage_per_class": _coverage(sure, valid, model.config.num_classes),
             **{k: float(v.detach()) for k, v in terms.items()},
-            "reset": reset,
-            "resets": self.resets,
+            **self._check_drift(plain, source_pred, valid),
         }
         if self.pivots:
             record["pivots_moved"] = moved
@@ -151,7 +127,7 @@ class ReplayTrainer(SelfTrainer):
 
     def _replay_losses(self, src, src_labels, mixed, mixed_labels, mixed_weight, pivot_labels):
         tuning = self.model.tuning
-        weight = None if self.class_weight is None else self.class_weight.to(src.device)
+        weight = self.class_weight
         n = src.shape[0]
         # DPFT caches its PFF outputs for the pivot loss only in training mode.
         tuning.train(self.pivots)

@@ -109,19 +109,11 @@ def _start_on_every_process(claim: RunClaim) -> None:
 def _train_in(cfg, run_dir, checkpoint, accelerator, claim, stop_at) -> None:
     from pivotseg.data import build_dataset, collate
     from pivotseg.data.rare_classes import rare_class_sampling
-    from pivotseg.data.transforms import train_transforms
+    from pivotseg.data.transforms import train_transforms_of
     from pivotseg.segmenter import build_segmenter
 
     data = cfg.data
-    transform = train_transforms(
-        data.crop_size,
-        scales=data.scales,
-        cat_max_ratio=data.cat_max_ratio,
-        flip=data.flip,
-        photometric=data.photometric,
-        seed=cfg.seed,
-        max_size=data.max_size,
-    )
+    transform = train_transforms_of(data, cfg.seed)
     source = data.source
     train_set = build_dataset(
         source.path,
