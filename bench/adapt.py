@@ -40,19 +40,19 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pivotseg.benchmarking import check_checkout
+from pivotseg.benchmarking.report import machine, markdown_table, write_section
+from pivotseg.config import EvalConfig
+from pivotseg.data import build_dataset
+from pivotseg.data.transforms import eval_transforms
+from pivotseg.engine.checkpoint import find_run_config, resolve_model_folder
+from pivotseg.evaluation.paired import paired_difference
+from pivotseg.paths import shared_path
+from pivotseg.segmenter import load_segmenter
+from pivotseg.tasks.adapt import adapt_run
+from pivotseg.tasks.dgss.evaluate import evaluate_datasets
 
-from bench.report import machine, markdown_table, write_section  # noqa: E402
-from pivotseg.config import EvalConfig  # noqa: E402
-from pivotseg.data import build_dataset  # noqa: E402
-from pivotseg.data.transforms import eval_transforms  # noqa: E402
-from pivotseg.engine.checkpoint import find_run_config, resolve_model_folder  # noqa: E402
-from pivotseg.evaluation.paired import paired_difference  # noqa: E402
-from pivotseg.paths import shared_path  # noqa: E402
-from pivotseg.segmenter import load_segmenter  # noqa: E402
-from pivotseg.tasks.adapt import adapt_run  # noqa: E402
-from pivotseg.tasks.dgss.evaluate import evaluate_datasets  # noqa: E402
+ROOT = check_checkout(__file__)
 
 SOURCE_SHORT = 360  # CamVid day frames are 480x360
 TARGETS = {
@@ -290,7 +290,10 @@ def report(result: dict, proxy: dict | None = None) -> str:
             f"{table}\n\nPaired by seed:\n\n{paired}\n\n" + "\n".join(verdicts(result, target))
         )
     if proxy is not None:
-        from bench.adapt_proxy import report as proxy_report
+        if __package__:
+            from bench.adapt_proxy import report as proxy_report
+        else:  # run as a script, bench/ is sys.path[0]
+            from adapt_proxy import report as proxy_report
 
         parts.append(
             "### Source-side proxy (where the settings come from)\n\n" + proxy_report(proxy)

@@ -32,19 +32,19 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pivotseg.benchmarking import check_checkout
+from pivotseg.benchmarking.report import machine, markdown_table
+from pivotseg.config import EvalConfig
+from pivotseg.data import build_dataset
+from pivotseg.data.io import read_image
+from pivotseg.data.transforms import eval_transforms
+from pivotseg.engine.checkpoint import resolve_model_folder
+from pivotseg.paths import shared_path
+from pivotseg.segmenter import load_segmenter
+from pivotseg.tasks.adapt import adapt_run
+from pivotseg.tasks.dgss.evaluate import evaluate_datasets
 
-from bench.report import machine, markdown_table  # noqa: E402
-from pivotseg.config import EvalConfig  # noqa: E402
-from pivotseg.data import build_dataset  # noqa: E402
-from pivotseg.data.io import read_image  # noqa: E402
-from pivotseg.data.transforms import eval_transforms  # noqa: E402
-from pivotseg.engine.checkpoint import resolve_model_folder  # noqa: E402
-from pivotseg.paths import shared_path  # noqa: E402
-from pivotseg.segmenter import load_segmenter  # noqa: E402
-from pivotseg.tasks.adapt import adapt_run  # noqa: E402
-from pivotseg.tasks.dgss.evaluate import evaluate_datasets  # noqa: E402
+ROOT = check_checkout(__file__)
 
 CORRUPTIONS = ("jpeg", "noise", "colour", "lowres")
 DEFAULT_VARIANTS = (

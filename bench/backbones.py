@@ -28,10 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pivotseg.benchmarking import check_checkout
+from pivotseg.benchmarking.cases import reset_peak, run_case_process, status_kb
 
-from bench.cases import reset_peak, run_case_process, status_kb  # noqa: E402
+ROOT = check_checkout(__file__)
 
 SIZE = 512
 PER_CASE_TIMEOUT_S = 240
@@ -133,8 +133,8 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from bench.report import markdown_table, write_section
     from pivotseg.backbones import BACKBONES
+    from pivotseg.benchmarking.report import markdown_table, write_section
 
     torch.set_num_threads(args.threads)  # so that the section header names the thread count
     labels = [label for label, (name, _, _) in CASES.items() if name in BACKBONES]

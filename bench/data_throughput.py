@@ -16,14 +16,12 @@ import time
 
 import torch
 
+from pivotseg.benchmarking import check_checkout
+from pivotseg.benchmarking.report import markdown_table, write_section
 from pivotseg.data import ToTensor, build_dataset, collate, seed_worker, train_transforms
-from pivotseg.paths import REPO_ROOT, shared_path
+from pivotseg.paths import shared_path
 
-try:
-    from bench.report import markdown_table, write_section
-except ImportError:  # run as a script: the repository root is not on sys.path
-    sys.path.insert(0, str(REPO_ROOT))
-    from bench.report import markdown_table, write_section
+check_checkout(__file__)
 
 
 def measure(dataset, workers: int, images: int, batch_size: int) -> float:

@@ -20,17 +20,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.report import machine, write_readme_block, write_section  # noqa: E402
-from pivotseg.config import RunConfig, load_config  # noqa: E402
-from pivotseg.tasks.dgss import bench_runs  # noqa: E402
-from pivotseg.tasks.dgss.benchmark import (  # noqa: E402
+from pivotseg.benchmarking import bench_runs, check_checkout
+from pivotseg.benchmarking.benchmark import (
     DEFAULT_METHODS,
     BenchPlan,
     format_main_table,
@@ -41,6 +35,10 @@ from pivotseg.tasks.dgss.benchmark import (  # noqa: E402
     run_benchmark,
     smoke_note,
 )
+from pivotseg.benchmarking.report import machine, write_readme_block, write_section
+from pivotseg.config import RunConfig, load_config
+
+ROOT = check_checkout(__file__)
 
 CONFIG = ROOT / "configs" / "bench_dg_tinyvit_camvid.yaml"
 # A control row: DPFT's gamma init is 0.3 (chosen on source val, docs/methods.md); Rein with its
@@ -215,7 +213,10 @@ def _minutes(runs) -> tuple[float, float]:
 
 
 def _famix_note() -> str:
-    from bench.famix_inputs import LABEL, MINING
+    if __package__:
+        from bench.famix_inputs import LABEL, MINING
+    else:  # run as a script, bench/ is sys.path[0]
+        from famix_inputs import LABEL, MINING
 
     return (
         f"The row '{LABEL}' is FAMix's model (CLIP RN50 at output stride 16, layer4[2] and "
@@ -266,7 +267,10 @@ def main() -> None:
     controls = [] if args.no_control else list(CONTROLS)
     models = {}
     if args.famix:
-        from bench.famix_inputs import LABEL, MINING, prepare_famix_check
+        if __package__:
+            from bench.famix_inputs import LABEL, MINING, prepare_famix_check
+        else:  # run as a script, bench/ is sys.path[0]
+            from famix_inputs import LABEL, MINING, prepare_famix_check
 
         row = prepare_famix_check(args.famix_cache, CONFIG, **MINING)
         models[LABEL] = load_row_model(row, LABEL)

@@ -5,9 +5,10 @@
 Rows: Rein -> Rein with its scale initialised at DPFT's gamma init (0.3) -> DPFT with every
 switch off (Rein with W_q/W_k, a per-block gamma and DPFT's blocks) -> + class-structured
 prompts with the presence gate (supervised, calibrated, in the last refined block) ->
-+ dynamic context U(z) -> + focus gate -> + pivot loss (= DPFT with its defaults); then one row
-with an option that is off by default: DPFT in every block. Selection, if any, is read off the
-source val column; targets are reported, not tuned on.
++ dynamic context U(z) -> + focus gate -> + pivot loss (every mechanism on; DPFT's defaults
+since this ablation are the every-switch-off row, docs/methods.md). What DPFT in
+every block costs is bench/methods.py's row. Selection, if any, is read off the source val column;
+targets are reported, not tuned on.
 
 One seed gives every row the same data order, augmentations and head initialisation, so rows are
 compared seed by seed: each row against "rein" and against the row above, with the mean
@@ -17,14 +18,10 @@ difference and its 95 % Student-t interval over the seeds (3 seeds by default).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.report import write_section  # noqa: E402
-from pivotseg.tasks.dgss.benchmark import (  # noqa: E402
+from pivotseg.benchmarking import check_checkout
+from pivotseg.benchmarking.benchmark import (
     PAIRED_INTRO,
     BenchPlan,
     format_main_table,
@@ -32,6 +29,9 @@ from pivotseg.tasks.dgss.benchmark import (  # noqa: E402
     run_benchmark,
     smoke_note,
 )
+from pivotseg.benchmarking.report import write_section
+
+ROOT = check_checkout(__file__)
 
 CONFIG = ROOT / "configs" / "bench_dg_tinyvit_camvid.yaml"
 OFF = dict(
@@ -41,6 +41,7 @@ OFF = dict(
     focus_gate=False,
     pivot_loss=False,
 )
+ALL_ON = {switch: True for switch in OFF}
 # Every DPFT row keeps DPFT's defaults for what is not an ingredient: gamma init 0.3, the deepest
 # 60% of the blocks, attn_dim 256.
 GRID: dict[str, tuple[str, dict]] = {
@@ -56,10 +57,8 @@ GRID: dict[str, tuple[str, dict]] = {
         "dpft",
         {**OFF, "class_prompts": True, "presence_gating": True, "dynamic_context": True},
     ),
-    "+focus gate": ("dpft", {"pivot_loss": False}),
-    "dpft": ("dpft", {}),  # + pivot loss: DPFT with its defaults
-    # Not in the defaults: DPFT in every block (the cost measured in bench/methods.py).
-    "dpft, every block": ("dpft", {"blocks": "all"}),
+    "+focus gate": ("dpft", {**ALL_ON, "pivot_loss": False}),
+    "dpft": ("dpft", dict(ALL_ON)),  # + pivot loss: every mechanism on (switches, off by default)
 }
 
 
@@ -78,9 +77,9 @@ def ablation_body(summary: dict, seeds: list[int]) -> str:
     first = summary[rows[0]]
     parts = [
         "Same protocol and budget as the 'dg' section (configs/bench_dg_tinyvit_camvid.yaml), "
-        f"seeds {seeds}. Each row adds one ingredient to the row above, up to 'dpft', DPFT "
-        "with its defaults (the rows and what each adds: bench/dpft_ablation.py); the row after "
-        "it adds an option that is off by default (DPFT in every block).",
+        f"seeds {seeds}. Each row adds one ingredient to the row above, up to 'dpft', every "
+        "DPFT mechanism on; DPFT's defaults are the row 'dpft, every switch off' (the rows and "
+        "what each adds: bench/dpft_ablation.py).",
         format_main_table(summary),
         smoke_note(first),
     ]

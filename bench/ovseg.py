@@ -13,19 +13,18 @@ block: the overhead column divides by it.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pivotseg.backbones import build_backbone
+from pivotseg.benchmarking import check_checkout
+from pivotseg.benchmarking.report import markdown_table, write_section
+from pivotseg.data.taxonomy import CITYSCAPES_CLASSES
+from pivotseg.evaluation import window_starts
+from pivotseg.tasks.openvocab import OpenVocabSegmenter
 
-from bench.report import markdown_table, write_section  # noqa: E402
-from pivotseg.backbones import build_backbone  # noqa: E402
-from pivotseg.data.taxonomy import CITYSCAPES_CLASSES  # noqa: E402
-from pivotseg.evaluation import window_starts  # noqa: E402
-from pivotseg.tasks.openvocab import OpenVocabSegmenter  # noqa: E402
+check_checkout(__file__)
 
 RUNS = [
     ("plain CLIP", "clip", {}),

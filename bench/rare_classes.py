@@ -22,14 +22,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pivotseg.benchmarking import check_checkout
+from pivotseg.benchmarking.report import markdown_table, write_section
+from pivotseg.config import load_config
+from pivotseg.data import CAMVID_CLASSES, build_dataset
+from pivotseg.data.rare_classes import class_pixel_counts, median_frequency_weights
+from pivotseg.engine import read_metrics
 
-from bench.report import markdown_table, write_section  # noqa: E402
-from pivotseg.config import load_config  # noqa: E402
-from pivotseg.data import CAMVID_CLASSES, build_dataset  # noqa: E402
-from pivotseg.data.rare_classes import class_pixel_counts, median_frequency_weights  # noqa: E402
-from pivotseg.engine import read_metrics  # noqa: E402
+ROOT = check_checkout(__file__)
 
 CONFIG = ROOT / "configs" / "bench_dg_tinyvit_camvid.yaml"
 # DAFormer's min_pixels (3000 on 1914x1052 GTA5 labels) scaled to CamVid's 480x360 labels.

@@ -23,7 +23,6 @@ import argparse
 import inspect
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,15 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pivotseg.benchmarking import check_checkout
+from pivotseg.benchmarking.report import markdown_table, write_section
+from pivotseg.paths import shared_path
+from pivotseg.tasks.refseg import CAVSAM, Matcher, PerSAM, PerSAMF
+from pivotseg.tasks.refseg.cav_sam import load_sam2_video
+from pivotseg.tasks.refseg.episodes import evaluate_episodes
+from pivotseg.tasks.refseg.images import read_image, read_mask
+from pivotseg.tasks.refseg.predictor import build_sam_predictor
 
-from bench.report import markdown_table, write_section  # noqa: E402
-from pivotseg.paths import shared_path  # noqa: E402
-from pivotseg.tasks.refseg import CAVSAM, Matcher, PerSAM, PerSAMF  # noqa: E402
-from pivotseg.tasks.refseg.cav_sam import load_sam2_video  # noqa: E402
-from pivotseg.tasks.refseg.episodes import evaluate_episodes  # noqa: E402
-from pivotseg.tasks.refseg.images import read_image, read_mask  # noqa: E402
-from pivotseg.tasks.refseg.predictor import build_sam_predictor  # noqa: E402
+check_checkout(__file__)
 
 CLASSES = ("cat", "duck_toy")
 TARGETS = ("01", "02")

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from pivotseg.benchmarking import check_checkout
+from pivotseg.benchmarking.report import markdown_table, write_section
 
-from bench.report import markdown_table, write_section  # noqa: E402
+REPO_ROOT = check_checkout(__file__)
 
 HEAVY = ("torch", "transformers")
 

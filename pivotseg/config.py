@@ -21,11 +21,8 @@ Numbers such as ``1e-4``, which YAML 1.1 reads as strings, are accepted.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,8 +32,10 @@ import yaml
 from pivotseg.backbones.hub import refuse_unsafe_options
 from pivotseg.config_inherit import read_config_file, with_origin
 from pivotseg.errors import ConfigError
+from pivotseg.naming import hint
 from pivotseg.paths import REPO_ROOT
 from pivotseg.segmenter import SegmenterConfig
+from pivotseg.typed_config import read_dataclass
 
 
 # ----- the configuration ---------------------------------------------------------------------
@@ -179,7 +178,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation. The batch is global: see :func:`pivotseg.engine.accumulation_steps`.
+    """Optimisation. The batch is global: see :func:`pivotseg.engine.optim.accumulation_steps`.
 
     Attributes:
         iterations: optimiser steps.
@@ -348,7 +347,7 @@ def config_from_dict(
 ) -> RunConfig:
     """Build a :class:`RunConfig` from plain data (as YAML gives) plus overrides."""
     data = apply_overrides(data, overrides)
-    cfg = _convert(RunConfig, data, "")
+    cfg = read_dataclass(RunConfig, data)
     _resolve_paths(cfg)
     _check_formats(cfg)
     return cfg
@@ -389,122 +388,6 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return data
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """Check and convert YAML data to the annotated type ``tp``; ``where`` is the dotted key."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(option, value, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[-1])
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, str) and hasattr(tp, "from_string"):
-            return tp.from_string(value)
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where or 'config'}: expected a mapping, got {value!r}")
-        return _convert_dataclass(tp, value, where)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{where}={value!r}: use one of {', '.join(map(str, allowed))}")
-        return value
-    if origin in (list, tuple):
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}={value!r}: expected a list")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{where}={value!r}: expected {len(args)} values")
-            return tuple(
-                _convert(a, v, f"{where}.{i}") for i, (a, v) in enumerate(zip(args, value))
-            )
-        item_type = args[0] if args else Any
-        converted = [_convert(item_type, v, f"{where}.{i}") for i, v in enumerate(value)]
-        return tuple(converted) if origin is tuple else converted
-    if tp is dict or origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}={value!r}: expected a mapping")
-        return dict(value)
-    if tp is Any:
-        return value
-    return _scalar(tp, value, where)
-
-
-def _scalar(tp: type, value: Any, where: str) -> Any:
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}={value!r}: expected true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        number = _number(value)
-        if number is not None and float(number).is_integer():
-            return int(number)
-        raise ConfigError(f"{where}={value!r}: expected an integer")
-    if tp is float:
-        number = _number(value)
-        if number is not None:
-            return float(number)
-        raise ConfigError(f"{where}={value!r}: expected a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}={value!r}: expected a string")
-    raise ConfigError(f"{where}: unsupported setting type {tp}")
-
-
-def _number(value: Any) -> float | int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return value
-    if isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads 1e-4 as a string
-        except ValueError:
-            return None
-    return None
-
-
-def _convert_dataclass(cls: type, data: dict, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    prefix = f"{where}." if where else ""
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"did you mean {prefix}{close[0]}?" if close else f"valid: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {prefix}{key}; {hint}")
-    required = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    for name in required:
-        if name not in data:
-            raise ConfigError(f"{prefix}{name} is required")
-    kwargs = {k: _convert(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where or 'config'}: {err}") from None
-
-
 def resolve_path(text: str | None) -> str | None:
     """Expand ``$VARS``/``~``; ``../shared/...`` goes under ``$PIVOTSEG_SHARED`` when that is
     set; another relative path that exists under the current directory or the repository root
@@ -528,15 +411,21 @@ def resolve_path(text: str | None) -> str | None:
     return expanded
 
 
-# Tuning-method arguments that name files (FAMix's style bank): resolved like the others.
-PATH_METHOD_ARGS = ("style_bank",)
+def _method_path_args(method: str) -> tuple[str, ...]:
+    """The arguments of tuning method ``method`` that name files (its ``path_args``)."""
+    # Imported on use: the tuning package imports every method (peft among them).
+    from pivotseg.tuning import METHODS
+
+    return getattr(METHODS.get(method), "path_args", ())
 
 
 def _resolve_paths(cfg: RunConfig) -> None:
     cfg.model.backbone_source = resolve_path(cfg.model.backbone_source)
-    for key in PATH_METHOD_ARGS:
-        if isinstance(cfg.model.method_args.get(key), str):
-            cfg.model.method_args[key] = resolve_path(cfg.model.method_args[key])
+    args = cfg.model.method_args
+    if any(isinstance(value, str) for value in args.values()):
+        for key in _method_path_args(cfg.model.method):
+            if isinstance(args.get(key), str):
+                args[key] = resolve_path(args[key])
     specs = [cfg.data.source, cfg.data.val, *cfg.data.targets]
     for spec in specs:
         if spec is not None:
@@ -552,9 +441,8 @@ def _check_formats(cfg: RunConfig) -> None:
     named += [(f"data.targets.{i}", t) for i, t in enumerate(cfg.data.targets)]
     for key, spec in named:
         if spec is not None and spec.format not in FORMATS:
-            close = difflib.get_close_matches(spec.format, list(FORMATS), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(FORMATS)}"
-            raise ConfigError(f"{key}.format={spec.format!r} is unknown; {hint}")
+            suggestion = hint(spec.format, FORMATS)
+            raise ConfigError(f"{key}.format={spec.format!r} is unknown; {suggestion}")
 
 
 # ----- saving ----------------------------------------------------------------------------------

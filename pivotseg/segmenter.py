@@ -9,12 +9,10 @@ the backbone's tensors as well so that the folder still rebuilds the same model.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import json
 import zlib
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,8 @@ from pivotseg.backbones.base import Backbone, state_mismatch
 from pivotseg.errors import CheckpointError, ConfigError
 from pivotseg.heads import HEADS, build_head
 from pivotseg.heads.base import IGNORE_INDEX, Head
+from pivotseg.naming import hint
+from pivotseg.typed_config import read_dataclass
 
 CONFIG_FILE = "segmenter.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -72,22 +72,16 @@ class SegmenterConfig:
                 f"{self.num_classes}; give one name per class or leave class_names empty"
             )
         if self.head not in HEADS:
-            raise ConfigError(f"model.head={self.head!r} is unknown; known: {', '.join(HEADS)}")
+            raise ConfigError(f"model.head={self.head!r} is unknown; {hint(self.head, HEADS)}")
         if self.backbone_source is not None:
             self.backbone_source = str(self.backbone_source)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model") -> SegmenterConfig:
-        """Build from a plain dict; unknown keys raise a ConfigError naming the closest key."""
-        valid = [f.name for f in fields(cls)]
-        for key in data:
-            if key not in valid:
-                close = difflib.get_close_matches(key, valid, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(valid)}"
-                raise ConfigError(f"{where}: unknown key {key!r}; {hint}")
-        if "num_classes" not in data:
-            raise ConfigError(f"{where}: num_classes is required")
-        return cls(**data)
+        """Build from a plain dict (``to_dict``'s, or a checkpoint's ``segmenter.json``), each
+        value converted to its field's type; errors start with ``where`` (the file or section)
+        and name the key (:func:`pivotseg.typed_config.read_dataclass`)."""
+        return read_dataclass(cls, data, source=where)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,8 +190,7 @@ class Segmenter(nn.Module):
             raise ValueError(
                 f"segmenter: labels {tuple(labels.shape)} do not match images {tuple(images.shape)}"
             )
-        if self.training and hasattr(self.tuning, "prepare_batch"):
-            # FAMix draws each patch's style from its dominant class: it needs labels first.
+        if self.training:
             self.tuning.prepare_batch(labels)
         outputs, (pad_h, pad_w) = self._run(images)
         labels = F.pad(labels.long(), (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
@@ -213,7 +206,7 @@ class Segmenter(nn.Module):
     @property
     def warmup_images(self) -> int:
         """Source images the tuning method wants seen before training (see :meth:`warm_up`)."""
-        return int(getattr(self.tuning, "warmup_images", 0))
+        return int(self.tuning.warmup_images)
 
     @torch.no_grad()
     def warm_up(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -322,11 +315,6 @@ class Segmenter(nn.Module):
         self.load_state_dict(state, strict=False)
 
 
-def _default_arg(cls: type, name: str):
-    param = inspect.signature(cls.__init__).parameters.get(name)
-    return None if param is None or param.default is inspect.Parameter.empty else param.default
-
-
 def _backbone_keys(model: Segmenter) -> set[str]:
     return {f"backbone.{k}" for k in model.backbone.state_dict()}
 
@@ -369,7 +357,11 @@ def _stream(seed: int, component: str):
 
 
 def build_segmenter(
-    cfg: SegmenterConfig | dict, backbone: Backbone | None = None, *, seed: int | None = None
+    cfg: SegmenterConfig | dict,
+    backbone: Backbone | None = None,
+    *,
+    seed: int | None = None,
+    strict: bool = True,
 ) -> Segmenter:
     """Backbone (from ``cfg.backbone_source`` or random) + tuning method + head.
 
@@ -378,11 +370,11 @@ def build_segmenter(
     the tuning method and its arguments, and a random backbone is the same too: rows of a
     benchmark that differ only in the method are paired comparisons.
 
-    Query linkage is wired here: a method with queries (``num_queries > 0``) and a head that
-    accepts them give ``external_queries=True`` to the head, and the method's ``query_dim``
-    defaults to the head's ``hidden_dim``; with a head that takes no queries, a method that has
-    a ``link_queries`` option gets ``link_queries=False``. Explicit settings in ``cfg`` win,
-    and these derived ones are not written back into ``cfg``.
+    Query linkage is wired here (:func:`_query_settings`): a method that provides queries
+    (``provides_queries``) gets ``query_dim`` = the head's query width when the head accepts
+    queries, else ``link_queries=False``; a method with queries (``num_queries > 0``) and such
+    a head give ``external_queries=True`` to the head. Explicit settings in ``cfg`` win, and
+    these derived ones are not written back into ``cfg``.
 
     Args:
         cfg: the config (or its dict form).
@@ -390,8 +382,15 @@ def build_segmenter(
         seed: the seed of the three streams (training passes the run's seed); ``None`` draws
             it from the global torch generator, so ``torch.manual_seed`` still reproduces a
             build. An explicit seed leaves the global generator untouched.
+        strict: refuse a ``head_args.num_queries`` that the method's queries override;
+            :func:`load_segmenter` turns it off so that checkpoints saved before this check
+            still load (the setting never changed what they hold).
+
+    Raises:
+        ConfigError: unknown names or settings, or ``head_args.num_queries`` other than the
+            method's query count.
     """
-    from pivotseg.tuning import METHODS, build_method
+    from pivotseg.tuning import build_method
 
     if isinstance(cfg, dict):
         cfg = SegmenterConfig.from_dict(cfg)
@@ -408,28 +407,46 @@ def build_segmenter(
                 **cfg.backbone_kwargs,
             )
     method_args = dict(cfg.method_args)
-    if cfg.method in METHODS:
-        accepted = inspect.signature(METHODS[cfg.method].__init__).parameters
-        head_cls = HEADS[cfg.head]
-        if head_cls.accepts_queries and "query_dim" in accepted:
-            # Queries must have the head's width; derived, so the saved config stays as given.
-            hidden = cfg.head_args.get("hidden_dim", _default_arg(head_cls, "hidden_dim"))
-            if hidden is not None:
-                method_args.setdefault("query_dim", hidden)
-        if not head_cls.accepts_queries and "link_queries" in accepted:
-            # Query-link layers would never receive gradients with a head that takes none.
-            method_args.setdefault("link_queries", False)
+    for key, value in _query_settings(cfg).items():
+        method_args.setdefault(key, value)
     with _stream(seed, "method"):
         tuning = build_method(cfg.method, backbone, cfg.num_classes, **method_args)
     head_args = dict(cfg.head_args)
-    if getattr(tuning, "num_queries", 0) and HEADS[cfg.head].accepts_queries:
+    if tuning.num_queries and HEADS[cfg.head].accepts_queries:
         # Rein's query linkage: the method's queries replace the head's learnt ones.
         head_args.setdefault("external_queries", True)
+        if head_args["external_queries"] and strict:
+            _refuse_unused_query_count(cfg, tuning.num_queries)
     with _stream(seed, "head"):
         head = build_head(
             cfg.head, backbone.out_dims, backbone.out_strides, cfg.num_classes, **head_args
         )
     return Segmenter(cfg, backbone, tuning, head)
+
+
+def _query_settings(cfg: SegmenterConfig) -> dict[str, Any]:
+    """The query-link arguments ``cfg.method`` gets from ``cfg.head`` (none for a method
+    without queries or an unknown one, which :func:`build_method` refuses)."""
+    from pivotseg.tuning import METHODS
+
+    method_cls = METHODS.get(cfg.method)
+    if method_cls is None or not method_cls.provides_queries:
+        return {}
+    head_cls = HEADS[cfg.head]
+    if head_cls.accepts_queries:
+        return {"query_dim": head_cls.query_dim(cfg.head_args)}
+    # Query-link layers would never receive gradients with a head that takes no queries.
+    return {"link_queries": False}
+
+
+def _refuse_unused_query_count(cfg: SegmenterConfig, method_queries: int) -> None:
+    given = cfg.head_args.get("num_queries")
+    if given is not None and given != method_queries:
+        raise ConfigError(
+            f"model.head_args.num_queries={given} is unused: the {cfg.method} method gives the "
+            f"head its own {method_queries} queries; remove num_queries from model.head_args "
+            f"(or set it to {method_queries})"
+        )
 
 
 def load_segmenter(folder: str | Path, backbone_source: str | Path | None = None) -> Segmenter:
@@ -470,7 +487,7 @@ def load_segmenter(folder: str | Path, backbone_source: str | Path | None = None
     if backbone_source is not None:
         data["backbone_source"] = str(backbone_source)
     cfg = SegmenterConfig.from_dict(data, where=str(config_path))
-    model = build_segmenter(cfg)
+    model = build_segmenter(cfg, strict=False)
     model.load_trained(folder / WEIGHTS_FILE)
     model.run_config = find_run_config(folder)
     return model.eval()

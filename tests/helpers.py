@@ -17,6 +17,16 @@ def tiny_vit_config(**overrides) -> dict:
     return {**vit, **overrides}
 
 
+# DPFT's mechanisms, off by default since the ablation (docs/benchmarks.md): tests of the
+# mechanisms, and of anything that needs set pivots (SPL), switch them on with this.
+DPFT_ALL_ON = dict(
+    class_prompts=True,
+    presence_gating=True,
+    dynamic_context=True,
+    focus_gate=True,
+    pivot_loss=True,
+)
+
 # Tiny heads and tuning methods for segmenters on the 32-wide ViT above (segmenter and DGSS tests).
 TINY_HEAD_ARGS = {
     "fpn": dict(channels=16),
@@ -36,7 +46,8 @@ TINY_METHOD_ARGS = {
     "full": {},
     "lora": dict(rank=4),
     "rein": dict(num_tokens=6, rank=4),
-    "dpft": dict(num_tokens=12, per_class=2, rank=4, attn_dim=16, context_rank=8),
+    # Every mechanism on: these segmenters exercise presence, pivots, U(z) and the focus gate.
+    "dpft": dict(num_tokens=12, per_class=2, rank=4, attn_dim=16, context_rank=8, **DPFT_ALL_ON),
 }
 
 

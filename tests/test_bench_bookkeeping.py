@@ -11,12 +11,12 @@ import shutil
 import pytest
 import yaml
 
+from pivotseg.benchmarking.benchmark import BenchPlan, _overrides_for, _slug, run_benchmark
 from pivotseg.cli.main import main
 from pivotseg.config import DatasetSpec, config_to_dict, load_config
 from pivotseg.engine import read_metrics
 from pivotseg.errors import ConfigError
 from pivotseg.tasks.dgss import evaluate, train
-from pivotseg.tasks.dgss.benchmark import BenchPlan, _overrides_for, _slug, run_benchmark
 from pivotseg.tasks.dgss.train import spread
 from tests.test_dgss import config_dict, make_folder_dataset
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import yaml
 
+from pivotseg.benchmarking.benchmark import RunResult, format_tables, summarise
 from pivotseg.cli.main import main
-from pivotseg.tasks.dgss.benchmark import RunResult, format_tables, summarise
 from tests.test_dgss import config_dict, make_folder_dataset
 
 
@@ -193,8 +193,8 @@ def test_row_with_its_own_model_trains_it_on_the_base_data_and_budget(tmp_path):
 
 
 def test_base_rows_keep_the_base_model_beside_a_model_row(tmp_path):
+    from pivotseg.benchmarking.benchmark import BenchPlan, _overrides_for, load_row_model
     from pivotseg.config import load_config
-    from pivotseg.tasks.dgss.benchmark import BenchPlan, _overrides_for, load_row_model
 
     base, _ = _base(tmp_path)
     row = tmp_path / "rn_row.yaml"

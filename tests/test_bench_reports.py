@@ -8,9 +8,9 @@ import torch
 from bench.dg import DgReport
 from bench.dpft_ablation import ablation_body, ablation_pairs
 from bench.dpft_gamma_sweep import sweep_body, trained_gamma
-from bench.report import write_readme_block, write_section
+from pivotseg.benchmarking.benchmark import RunResult, summarise
+from pivotseg.benchmarking.report import write_readme_block, write_section
 from pivotseg.config import config_from_dict
-from pivotseg.tasks.dgss.benchmark import RunResult, summarise
 from tests.test_dgss import config_dict
 
 FRAMES = {"seq": 171, "city": 1}

@@ -158,7 +158,8 @@ def test_relative_paths_resolve_against_cwd_then_repo_root(tmp_path, monkeypatch
     assert cfg.data.source.path == str(tmp_path / "here")
     # A method argument that names a file (FAMix's style bank) follows the same rules.
     (tmp_path / "bank.safetensors").write_bytes(b"")
-    cfg = config_from_dict(MINIMAL, ["model.method_args={style_bank: bank.safetensors}"])
+    overrides = ["model.method=famix", "model.method_args={style_bank: bank.safetensors}"]
+    cfg = config_from_dict(MINIMAL, overrides)
     assert cfg.model.method_args["style_bank"] == str(tmp_path / "bank.safetensors")
 
 

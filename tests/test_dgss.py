@@ -71,6 +71,9 @@ def data_root(tmp_path_factory):
 
 
 def config_dict(data_root: Path, run_dir: Path, method="frozen", head="fpn") -> dict:
+    head_args = dict(HEAD_ARGS[head])
+    if method == "dpft":  # DPFT's own queries (a count of their own) replace the head's
+        head_args.pop("num_queries", None)
     return {
         "model": {
             "num_classes": 3,
@@ -79,7 +82,7 @@ def config_dict(data_root: Path, run_dir: Path, method="frozen", head="fpn") -> 
             "method": method,
             "method_args": dict(METHOD_ARGS[method]),
             "head": head,
-            "head_args": dict(HEAD_ARGS[head]),
+            "head_args": head_args,
         },
         "data": {
             "source": {"path": str(data_root / "src"), "format": "folder", "split": "train"},

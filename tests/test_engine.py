@@ -16,21 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from pivotseg.engine import (
-    InfiniteSampler,
-    NonFiniteLoss,
-    SeededItems,
-    Trainer,
-    TrainingStopped,
-    accumulation_steps,
-    build_optimizer,
-    build_scheduler,
-    default_param_groups,
-    read_metrics,
-    shard_indices,
-    warmup_poly_factor,
-)
+from pivotseg.engine import NonFiniteLoss, Trainer, TrainingStopped, read_metrics
 from pivotseg.engine import checkpoint as ckpt
+from pivotseg.engine.optim import accumulation_steps, build_optimizer, default_param_groups
+from pivotseg.engine.sampler import InfiniteSampler, SeededItems, shard_indices
+from pivotseg.engine.schedule import build_scheduler, warmup_poly_factor
 from pivotseg.errors import ConfigError
 
 

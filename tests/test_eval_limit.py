@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from pivotseg.benchmarking.benchmark import BenchPlan, _overrides_for, format_tables, summarise
 from pivotseg.cli.main import main
 from pivotseg.config import EvalConfig, config_from_dict, load_config
 from pivotseg.engine import read_metrics
 from pivotseg.errors import ConfigError
-from pivotseg.tasks.dgss.benchmark import BenchPlan, _overrides_for, format_tables, summarise
 from pivotseg.tasks.dgss.evaluate import evaluate_datasets
 from tests.test_dgss import config_dict, make_folder_dataset
 from tests.test_eval_results import CLASSES, Frames, PixelsSayTheClass, strict_loads
@@ -118,7 +118,7 @@ def test_short_training_run(short_run, capsys):
 
 
 def test_bench_limit_reaches_every_run(short_run, tmp_path, monkeypatch, capsys):
-    import pivotseg.tasks.dgss.benchmark as benchmark
+    import pivotseg.benchmarking.benchmark as benchmark
 
     _, config = short_run
     plans = []
@@ -143,7 +143,7 @@ def test_bench_limit_reaches_every_run(short_run, tmp_path, monkeypatch, capsys)
 
 
 def test_bench_table_says_it_was_limited():
-    from pivotseg.tasks.dgss.benchmark import RunResult
+    from pivotseg.benchmarking.benchmark import RunResult
 
     run = RunResult("dpft", 0, "x", 50.0, {"a": 40.0}, 40.0, {"a": [40.0]}, 10, 0.5, 100.0)
     summary = summarise([run], frames={"a": 4})

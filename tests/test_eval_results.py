@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from pivotseg.benchmarking.benchmark import RunResult, chart_title, format_tables, summarise
 from pivotseg.config import EvalConfig
 from pivotseg.evaluation import ConfusionMatrix
 from pivotseg.evaluation.results import (
@@ -22,7 +23,6 @@ from pivotseg.evaluation.results import (
     to_json,
     write_json,
 )
-from pivotseg.tasks.dgss.benchmark import RunResult, chart_title, format_tables, summarise
 from pivotseg.tasks.dgss.evaluate import evaluate_datasets, format_table, results_json
 
 CLASSES = ["road", "car", "sky", "tree"]

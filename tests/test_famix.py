@@ -16,7 +16,7 @@ from transformers import CLIPConfig, CLIPModel
 from pivotseg.backbones import build_backbone
 from pivotseg.backbones.clip_resnet import build_clip_resnet, public_state_dict
 from pivotseg.errors import CheckpointError
-from pivotseg.tasks.openvocab.text import load_openai_text_encoder, prompt_embeddings
+from pivotseg.text.encoder import load_openai_text_encoder, prompt_embeddings
 from pivotseg.tuning.famix import (
     FAMix,
     StyleBank,
@@ -232,7 +232,7 @@ def vit_folder(tmp_path_factory):
 
 
 def test_mining_moves_the_vit_embedding_toward_the_text(vit_folder):
-    from pivotseg.tasks.openvocab.text import text_encoder_from_backbone
+    from pivotseg.text.encoder import text_encoder_from_backbone
 
     backbone = build_backbone("clip", source=vit_folder, with_text=True).freeze().eval()
     site = style_site(backbone, 1)
@@ -449,7 +449,7 @@ def _camvid(root, n=3, size=(40, 48)):
 
 
 def test_mine_cli_writes_and_resumes(tmp_path, vit_folder, capsys, monkeypatch):
-    import pivotseg.tuning.famix as famix_module
+    import pivotseg.tuning.famix.mining as famix_module
     from pivotseg.cli.main import main
 
     data = _camvid(tmp_path / "camvid")
@@ -515,13 +515,13 @@ def test_missing_bank_only_blocks_training(tmp_path, rn_checkpoint):
 def test_pipeline_check_inputs_fit_together_and_are_reused(tmp_path, monkeypatch):
     import yaml
 
-    import pivotseg.tuning.famix as famix_module
+    import pivotseg.tuning.famix.mining as famix_module
     from bench.famix_inputs import prepare_famix_check, prompt_words
+    from pivotseg.benchmarking.benchmark import load_row_model
     from pivotseg.data.taxonomy import CAMVID_CLASSES
     from pivotseg.segmenter import build_segmenter
-    from pivotseg.tasks.dgss.benchmark import load_row_model
-    from pivotseg.tasks.openvocab.templates import FAMIX_STYLES
-    from pivotseg.tasks.openvocab.text import load_tokenizer
+    from pivotseg.text.encoder import load_tokenizer
+    from pivotseg.text.templates import FAMIX_STYLES
 
     data = _camvid(tmp_path / "camvid", n=3)
     base = tmp_path / "base.yaml"

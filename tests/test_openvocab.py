@@ -13,8 +13,8 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMode
 
 from pivotseg.errors import ConfigError, DataError
 from pivotseg.tasks.openvocab import PAMR, OpenVocabSegmenter, dense_last_block
+from pivotseg.tasks.openvocab.classes import parse_class_names, read_classes_file
 from pivotseg.tasks.openvocab.dense import proxy_attention
-from pivotseg.tasks.openvocab.text import parse_class_names, read_classes_file
 from tests.helpers import tiny_clip_text_config, tiny_clip_tokenizer, tiny_vit_config
 
 VISION = tiny_vit_config(num_hidden_layers=3)

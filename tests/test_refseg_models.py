@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from pivotseg.errors import CheckpointError, ConfigError
-from pivotseg.tasks.refseg.cav_sam import load_sam2_video
-from pivotseg.tasks.refseg.predictor import (
-    build_sam_predictor,
+from pivotseg.backbones.convert.mobilesam_decoder import (
     load_mobilesam_decoder,
     mobilesam_to_transformers,
 )
+from pivotseg.errors import CheckpointError, ConfigError
+from pivotseg.tasks.refseg.cav_sam import load_sam2_video
+from pivotseg.tasks.refseg.predictor import build_sam_predictor
 from tests.conftest import require_shared
 
 TINY_SAM = dict(

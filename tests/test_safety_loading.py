@@ -26,9 +26,9 @@ from pivotseg.errors import CheckpointError, ConfigError, PivotsegError
 from pivotseg.outputs import check_output_dir, check_output_file
 from pivotseg.segmenter import SegmenterConfig, load_segmenter
 from pivotseg.tasks.dgss import evaluate
-from pivotseg.tasks.openvocab.famix_mining import MiningConfig
-from pivotseg.tasks.openvocab.text import load_tokenizer
 from pivotseg.tasks.refseg.predictor import build_sam_predictor
+from pivotseg.text.encoder import load_tokenizer
+from pivotseg.tuning.famix.mining import MiningConfig
 from tests.helpers import tiny_vit_config
 
 NOT_CACHED = "pivotseg-tests/never-cached-model"

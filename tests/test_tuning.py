@@ -15,6 +15,7 @@ from pivotseg.backbones.base import Backbone
 from pivotseg.backbones.dinov2 import build_dinov2
 from pivotseg.errors import ConfigError
 from pivotseg.tuning import METHODS, build_method
+from tests.helpers import DPFT_ALL_ON
 
 TINY_DINO = dict(
     hidden_size=32,
@@ -65,7 +66,10 @@ def first_rule(name, rules):
 
 
 def expected_trainable(method_name, backbone):
-    """The parameter names each method must train, written out from the method definitions."""
+    """The parameter names each method must train, written out from the method definitions
+    (``dpft_all_on``: DPFT with every mechanism switched on)."""
+    all_on = method_name == "dpft_all_on"
+    method_name = "dpft" if all_on else method_name
     n = backbone.num_blocks
     widths = list(dict.fromkeys(backbone.block_dims))
     if method_name == "frozen":
@@ -96,25 +100,36 @@ def expected_trainable(method_name, backbone):
         return names | {"tuning.scale"}
     for c in widths:
         names |= {f"tuning.attn_q.{c}.weight", f"tuning.attn_k.{c}.weight"}
+    names |= {"tuning.gamma"}
+    if not all_on:  # the defaults: no U(z), no presence gate
+        return names
+    for c in widths:
         names |= {f"tuning.context.{c}.{j}.{w}" for j in (0, 2) for w in ("weight", "bias")}
-    return names | {"tuning.gamma", "tuning.presence_scale", "tuning.presence_bias"}
+    return names | {"tuning.presence_scale", "tuning.presence_bias"}
 
 
-# FAMix needs a mined style bank; tests/test_famix.py covers it.
-DG_METHODS = [m for m in METHODS if m != "famix"]
+# FAMix needs a mined style bank; tests/test_famix.py covers it. DPFT's mechanisms are off by
+# default: "dpft_all_on" is DPFT with every one switched on.
+DG_METHODS = [m for m in METHODS if m != "famix"] + ["dpft_all_on"]
 CASES = [(m, b) for m in DG_METHODS for b in BACKBONES]
+
+
+def build_case(case, backbone, **args):
+    if case == "dpft_all_on":
+        return build_method("dpft", backbone, NUM_CLASSES, **DPFT_ALL_ON, **args)
+    return build_method(case, backbone, NUM_CLASSES, **args)
 
 
 @pytest.mark.parametrize("method_name,backbone_name", CASES)
 def test_trains_exactly_what_it_claims(method_name, backbone_name):
     make, _ = BACKBONES[backbone_name]
     backbone = make()
-    method = build_method(method_name, backbone, NUM_CLASSES)
+    method = build_case(method_name, backbone)
     claimed = trainable_names(method)
     assert claimed == expected_trainable(method_name, backbone)
     assert grad_flags(backbone, method) == claimed
     config = json.loads(json.dumps(method.config()))  # saved in the segmenter's JSON config
-    rebuilt = build_method(method_name, make(), NUM_CLASSES, **config)
+    rebuilt = build_method(method.name, make(), NUM_CLASSES, **config)
     assert {k: p.shape for k, p in rebuilt.trainable_parameters()} == {
         k: p.shape for k, p in method.trainable_parameters()
     }
@@ -129,8 +144,8 @@ def test_optimiser_moves_only_trainable_parameters(method_name, backbone_name):
     backbone = make()
     # DPFT's calibrated gate acts on a class once it has been seen present and absent, which
     # three steps on stripes never show; uncalibrated, it gates every class with a pivot.
-    args = {"presence_calibration": False} if method_name == "dpft" else {}
-    method = build_method(method_name, backbone, NUM_CLASSES, **args)
+    args = {"presence_calibration": False} if method_name.startswith("dpft") else {}
+    method = build_case(method_name, backbone, **args)
     if method_name == "frozen":
         return
     backbone.train()
@@ -166,16 +181,16 @@ def test_attaching_changes_output_only_through_the_method(method_name, backbone_
     backbone = make().eval()
     x = images(size, batch=1)
     ref = backbone(x)
-    method = build_method(method_name, backbone, NUM_CLASSES).eval()
+    method = build_case(method_name, backbone).eval()
     if method_name == "lora":
         for k, p in backbone.named_parameters():
             if "lora_B" in k:
                 torch.nn.init.normal_(p)
     out = backbone(x)
     changed = any((a - b).abs().max() > 1e-7 for a, b in zip(out, ref))
-    assert changed == (method_name in ("lora", "rein", "dpft"))
+    assert changed == (method_name in ("lora", "rein", "dpft", "dpft_all_on"))
     assert method.config() == dict(method._args)
-    if method_name in ("rein", "dpft"):
+    if method_name in ("rein", "dpft", "dpft_all_on"):
         method.remove_hooks()
         for a, b in zip(backbone(x), ref):
             torch.testing.assert_close(a, b)
@@ -281,7 +296,6 @@ def test_build_method_rejects_unknown_names_and_options():
 def test_full_recipe_rules_and_layer_decay():
     backbone = tiny_dinov2()
     full = build_method("full", backbone, NUM_CLASSES)
-    assert full.recommended_clip_norm == 0.01
     rules = full.param_group_rules()
     prefix = "backbone.model."
     no_decay = {"lr_mult": 0.1, "decay_mult": 0.0}

@@ -12,6 +12,7 @@ from pivotseg.backbones.dinov2 import build_dinov2
 from pivotseg.errors import ConfigError
 from pivotseg.tuning import build_method
 from pivotseg.tuning.pivots import PivotBank, class_pool, patch_classes, pivot_info_nce
+from tests.helpers import DPFT_ALL_ON
 from tests.test_tuning import TINY_DINO, tiny_tinyvit
 
 K = 3
@@ -37,8 +38,9 @@ def stripes(size=56, batch=2):
 
 
 def build(folder, **args):
+    """DPFT with every mechanism on (they are off by default), ``args`` on top."""
     backbone = build_dinov2(folder).eval()
-    return backbone, build_method("dpft", backbone, K, **args)
+    return backbone, build_method("dpft", backbone, K, **{**DPFT_ALL_ON, **args})
 
 
 # ----- budget and layout --------------------------------------------------------------------
@@ -47,7 +49,7 @@ def build(folder, **args):
 def dinov2_large_parts(**args) -> tuple[object, dict[str, int]]:
     with torch.device("meta"):
         backbone = build_dinov2(config={"variant": "large"})
-        dpft = build_method("dpft", backbone, 19, **args)
+        dpft = build_method("dpft", backbone, 19, **{**DPFT_ALL_ON, **args})
     parts: dict[str, int] = {}
     for name, p in dpft.trainable_parameters():
         part = name.split(".")[1]
@@ -91,25 +93,60 @@ def test_budget_dinov2_large_default_blocks_on_meta():
     assert parts["tokens_a"] + parts["tokens_b"] == 269_760 and parts["gamma"] == 15
     assert sum(parts.values()) == 3_484_725
     assert dpft.pivot_layers == [11, 17, 23] and dpft.presence_blocks == [23]
+    # The defaults, every switch off: no U (132,160) and no presence calibration (38).
+    plain, parts = dinov2_large_parts(**OFF)
+    assert "context" not in parts and "presence_scale" not in parts
+    assert sum(parts.values()) == 3_484_725 - 132_160 - 38 == 3_352_527
 
 
 def test_token_layout():
     backbone = build_dinov2(config=dict(TINY_DINO))
-    dpft = build_method("dpft", backbone, 19)
+    dpft = build_method("dpft", backbone, 19, **DPFT_ALL_ON)
     assert dpft.num_tokens == 1 + 76 + 23
     assert dpft.token_class[0] == -1 and dpft.token_class[1:5].tolist() == [0] * 4
     assert dpft.token_class[73:77].tolist() == [18] * 4 and (dpft.token_class[77:] == -1).all()
-    many = build_method("dpft", build_dinov2(config=dict(TINY_DINO)), 30)
+    many = build_method("dpft", build_dinov2(config=dict(TINY_DINO)), 30, **DPFT_ALL_ON)
     assert many.num_tokens == 1 + 120 + 8 and many.queries().shape == (129, 256)
     plain = build_method("dpft", build_dinov2(config=dict(TINY_DINO)), 30, **OFF)
     assert plain.num_tokens == 100 and (plain.token_class == -1).all()
     with pytest.raises(ConfigError, match="presence_gating gates class tokens"):
-        build_method("dpft", build_dinov2(config=dict(TINY_DINO)), 3, class_prompts=False)
+        build_method(
+            "dpft",
+            build_dinov2(config=dict(TINY_DINO)),
+            3,
+            class_prompts=False,
+            presence_gating=True,
+        )
+
+
+def test_defaults_are_rein_style_tokens_without_the_mechanisms():
+    # Off by default since the paired ablation (docs/benchmarks.md, "DPFT ablation on CPU").
+    backbone = build_dinov2(config=dict(TINY_DINO))
+    dpft = build_method("dpft", backbone, K, warmup_images=500)
+    assert not (dpft.class_prompts or dpft.presence_gating or dpft.dynamic_context)
+    assert not (dpft.focus_gate or dpft.pivot_loss or dpft.presence_calibration)
+    assert dpft.num_tokens == 100 and (dpft.token_class == -1).all()  # no class tokens
+    assert not dpft.uses_pivots and dpft.warmup_images == 0  # nothing to warm up
+    assert dpft.presence_blocks == [] and not hasattr(dpft, "pivot_banks")
+    assert not hasattr(dpft, "context") and dpft.token_blocks == [1, 2, 3]
+    assert torch.equal(dpft.gamma.detach(), torch.full((3,), 0.3))
+    saved = dpft.state_dict().keys()
+    assert not [k for k in saved if k.startswith(("presence_", "pivot_banks", "context"))]
+    on = build_method("dpft", build_dinov2(config=dict(TINY_DINO)), K, warmup_images=500,
+                      **DPFT_ALL_ON)  # fmt: skip
+    assert on.uses_pivots and on.warmup_images == 500 and "32" in on.pivot_banks
+    only_loss = dict(pivot_loss=True, warmup_images=500)
+    assert (
+        build_method("dpft", build_dinov2(config=dict(TINY_DINO)), K, **only_loss).warmup_images
+        == 500
+    )
 
 
 def test_blocks_and_presence_blocks_settings():
     def dpft(**args):
-        return build_method("dpft", build_dinov2(config=dict(TINY_DINO)), K, **args)
+        return build_method(
+            "dpft", build_dinov2(config=dict(TINY_DINO)), K, **{**DPFT_ALL_ON, **args}
+        )
 
     default = dpft()  # 4 blocks: the deepest ceil(2.4) = 3, the gate in the last
     assert default.token_blocks == [1, 2, 3] and default.presence_blocks == [3]
@@ -400,7 +437,7 @@ def test_training_step_updates_pivots_from_the_pivot_block(saved_backbone):
     seen = []
     # Registered before DPFT's hooks, so it sees block 3's own output (the pivot tokens).
     backbone.add_block_hook(3, lambda t, hw: seen.append(t) or t)
-    dpft = build_method("dpft", backbone, K)
+    dpft = build_method("dpft", backbone, K, **DPFT_ALL_ON)
     assert dpft.pivot_blocks == {32: 3}
     dpft.train()
     x, labels = torch.randn(2, 3, 56, 56), stripes()
@@ -493,7 +530,7 @@ def test_pivot_loss_uses_class_pooled_outputs_of_the_chosen_layers(saved_backbon
 
 def test_dpft_on_a_hierarchical_backbone():
     backbone = tiny_tinyvit()
-    dpft = build_method("dpft", backbone, K, blocks=[0, 1, 2, 3])
+    dpft = build_method("dpft", backbone, K, blocks=[0, 1, 2, 3], **DPFT_ALL_ON)
     dims = backbone.block_dims  # [16, 24, 24, 32]
     assert dpft.pivot_blocks == {16: 0, 24: 2, 32: 3}
     assert {k: b.pivots.shape[1] for k, b in dpft.pivot_banks.items()} == {
@@ -579,7 +616,7 @@ def test_warm_up_sets_pivots_then_a_running_mean_of_calibration(saved_backbone):
     # Registered before DPFT's hooks: each block's own output = the f DPFT's update receives.
     for i in range(4):
         backbone.add_block_hook(i, lambda t, hw, i=i: seen[i].append(t) or t)
-    dpft = build_method("dpft", backbone, K, presence_calibration=True)
+    dpft = build_method("dpft", backbone, K, **{**DPFT_ALL_ON, "presence_calibration": True})
     bank = dpft.pivot_banks["32"]
     all_three, no_class_2 = stripes(batch=1), stripes(batch=1).clamp(max=1)
     torch.manual_seed(0)

@@ -1,32 +1,42 @@
 """Backbones behind one interface (:class:`~pivotseg.backbones.base.Backbone`).
 
 ``build_backbone(name, source)`` looks the name up in :data:`BACKBONES`, a plain dictionary of
-``"module:function"`` builders imported on first use (so that importing pivotseg does not import
-every model). ``source`` is a Hugging Face id, a local folder (``save_pretrained`` output or a
+builders. ``source`` is a Hugging Face id, a local folder (``save_pretrained`` output or a
 transformers folder) or a checkpoint file; ``None`` builds random weights from ``config``.
+
+The backbone modules import transformers inside their functions only, so importing this package
+costs torch and nothing more.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pivotseg.backbones.base import CONFIG_NAME, Backbone
+from pivotseg.backbones.clip import build_clip
+from pivotseg.backbones.clip_resnet import build_clip_resnet
+from pivotseg.backbones.dinov2 import build_dinov2, build_dinov2_reg
+from pivotseg.backbones.eva02 import build_eva02
+from pivotseg.backbones.sam import build_sam
+from pivotseg.backbones.sam2 import build_sam2
+from pivotseg.backbones.siglip import build_siglip
+from pivotseg.backbones.tinyvit import build_tinyvit
 from pivotseg.errors import ConfigError
 
-BACKBONES: dict[str, str] = {
-    "dinov2": "pivotseg.backbones.dinov2:build_dinov2",
-    "dinov2_reg": "pivotseg.backbones.dinov2:build_dinov2_reg",
-    "clip": "pivotseg.backbones.clip:build_clip",
-    "siglip": "pivotseg.backbones.siglip:build_siglip",
-    "sam": "pivotseg.backbones.sam:build_sam",
-    "sam2": "pivotseg.backbones.sam2:build_sam2",
-    "eva02": "pivotseg.backbones.eva02:build_eva02",
-    "clip_resnet": "pivotseg.backbones.clip_resnet:build_clip_resnet",
-    "tinyvit": "pivotseg.backbones.tinyvit:build_tinyvit",
+BACKBONES: dict[str, Callable[..., Backbone]] = {
+    "dinov2": build_dinov2,
+    "dinov2_reg": build_dinov2_reg,
+    "clip": build_clip,
+    "siglip": build_siglip,
+    "sam": build_sam,
+    "sam2": build_sam2,
+    "eva02": build_eva02,
+    "clip_resnet": build_clip_resnet,
+    "tinyvit": build_tinyvit,
 }
 
 BUILDER_ARGS = ("source", "config", "out_indices")
@@ -60,8 +70,7 @@ def build_backbone(
         raise ConfigError("build_backbone: give a backbone name; known: " + ", ".join(BACKBONES))
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}")
-    module_name, fn_name = BACKBONES[name].split(":")
-    builder = getattr(importlib.import_module(module_name), fn_name)
+    builder = BACKBONES[name]
     accepted = [p for p in inspect.signature(builder).parameters if p not in BUILDER_ARGS]
     for key in kwargs:
         if key not in accepted:

@@ -27,27 +27,56 @@ TokenFn = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
 
 CONFIG_NAME = "pivotseg_backbone.json"
 
+# ImageNet's pixel statistics on the 0-255 scale (DINOv2, SAM, SAM2, TinyViT: the default).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
 # OpenAI CLIP's pixel statistics on the 0-255 scale (CLIP, EVA02-CLIP, CLIP-ResNet).
 CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
 CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitPoint:
+    """A block output where :meth:`Backbone.run_to_block` can stop (see there).
+
+    Attributes:
+        name: how configs and saved files name it (``block2``; a CNN names its stages,
+            ``layer1``).
+        stride: pixels per cell of its feature map.
+        channels: its channel width.
+        nonnegative: it ends in a ReLU, so a rewritten map should pass through one again.
+        pretraining_grid: side of its feature map at the pretraining resolution, if fixed.
+    """
+
+    name: str
+    stride: int
+    channels: int
+    nonnegative: bool = False
+    pretraining_grid: int | None = None
+
+
 class Backbone(nn.Module):
     """Base class: subclasses set the attributes below and implement the abstract methods.
+
+    A backbone whose blocks run one after the other provides :meth:`block_input`,
+    :meth:`block_map` (and :meth:`run_block` when a block takes more than its input) and inherits
+    :meth:`forward_blocks`; one with another structure (stages, a neck fed by stage maps)
+    overrides :meth:`forward_blocks` instead.
 
     Attributes:
         name: short name used in configs (``"dinov2"``, ``"tinyvit"``, ...).
         patch_size: side of one token in pixels at the first transformer block.
         size_divisor: H and W must be multiples of this (patch size, or the largest stride).
-        pixel_mean, pixel_std: the normalisation used in pretraining, on the 0-255 scale.
+        pixel_mean, pixel_std: the normalisation used in pretraining, on the 0-255 scale
+            (default ImageNet's).
         out_indices: blocks whose outputs :meth:`forward` returns as feature maps.
     """
 
     name: str = ""
     patch_size: int = 16
     size_divisor: int = 16
-    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
-    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
+    pixel_std: tuple[float, float, float] = IMAGENET_STD
 
     def __init__(self, out_indices: Sequence[int] | None = None):
         super().__init__()
@@ -76,11 +105,41 @@ class Backbone(nn.Module):
         """
         raise NotImplementedError
 
+    def block_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What enters block 0 (e.g. embedded tokens); records the token grid hooks need."""
+        raise NotImplementedError
+
+    def run_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``index`` applied to the output of the block before it (or of ``block_input``)."""
+        out = self.blocks[index](x)
+        return out[0] if isinstance(out, tuple) else out
+
+    def block_map(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """The feature map ``(B, C, h, w)`` of block ``index``'s output ``x``."""
+        raise NotImplementedError
+
+    def neck_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The neck's feature map from the last block's output (level ``num_blocks``)."""
+        raise NotImplementedError(f"backbone {self.name!r} has no neck")
+
     def forward_blocks(
         self, pixel_values: torch.Tensor, indices: Sequence[int]
     ) -> list[torch.Tensor]:
-        """Feature maps ``(B, C, h, w)`` after each block in ``indices``."""
-        raise NotImplementedError
+        """Feature maps ``(B, C, h, w)`` after each block in ``indices`` (``num_blocks``: the neck).
+
+        Blocks after the last one asked for are not run.
+        """
+        n = self.num_blocks
+        wanted = set(indices)
+        x = self.block_input(pixel_values)
+        maps = {}
+        for i in range(min(max(wanted), n - 1) + 1):
+            x = self.run_block(i, x)
+            if i in wanted:
+                maps[i] = self.block_map(i, x)
+        if n in wanted:
+            maps[n] = self.neck_map(x)
+        return [maps[i] for i in indices]
 
     def config_dict(self) -> dict:
         """Everything needed to rebuild this backbone (without weights) via :func:`build_backbone`."""
@@ -142,6 +201,49 @@ class Backbone(nn.Module):
             return rebuild(fn(tokens, hw))
 
         return self.blocks[index].register_forward_hook(hook)
+
+    # ----- running in two parts: a feature-space augmentation (FAMix) works in between --------
+    def split_points(self) -> list[SplitPoint]:
+        """Where :meth:`run_to_block` can stop, by the index :meth:`forward_blocks` takes: after
+        each block (a CNN: after each stage)."""
+        pairs = zip(self.block_strides(), self.block_dims)
+        return [SplitPoint(f"block{i}", stride, dim) for i, (stride, dim) in enumerate(pairs)]
+
+    def run_to_block(
+        self, pixel_values: torch.Tensor, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run up to block ``index``: its output as a map ``(B, C, h, w)`` and the tokens beside
+        the patch tokens (class tokens ``(B, n, C)``; ``None`` where there are none), which
+        :meth:`continue_from_block` takes back."""
+        raise NotImplementedError(f"{self.name} cannot hand over its state after a block")
+
+    def continue_from_block(
+        self, index: int, features: torch.Tensor, prefix: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The pretraining's image embedding ``(B, D)`` (CLIP: the joint image-text space) from
+        :meth:`run_to_block`'s output at ``index``, its map possibly rewritten: runs the blocks
+        after ``index`` and the embedding head."""
+        raise NotImplementedError(f"{self.name} has no image embedding to continue to")
+
+    def add_map_hook(
+        self, index: int, fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> RemovableHandle:
+        """Let ``fn(map (B, C, h, w)) -> map`` rewrite block ``index``'s output in every forward
+        (:meth:`add_block_hook` on the token grid)."""
+
+        def on_tokens(tokens, hw):
+            return fn(tokens_to_map(tokens, hw)).flatten(2).transpose(1, 2)
+
+        return self.add_block_hook(index, on_tokens)
+
+    def last_block_prefix(self) -> str | None:
+        """Name prefix of the last block's parameters (``"model.encoder.layer.11."``; a CNN:
+        of its last residual block), or ``None`` when the block has no name here."""
+        last = self.blocks[-1] if self.blocks else None
+        for name, module in self.named_modules():
+            if module is last:
+                return name + "."
+        return None
 
     def freeze(self) -> Backbone:
         """Stop gradients to every backbone parameter; frozen backbones stay in eval mode."""
@@ -265,6 +367,23 @@ def is_saved_folder(source) -> bool:
     return source is not None and Path(source).is_dir() and (Path(source) / CONFIG_NAME).exists()
 
 
+def load_saved_folder(
+    source, out_indices, make: Callable[[dict, list | None], Backbone]
+) -> Backbone:
+    """The backbone a :meth:`Backbone.save_pretrained` folder holds, its weights loaded strictly.
+
+    Args:
+        source: the folder.
+        out_indices: feature levels asked for; when empty, the folder's own.
+        make: ``(saved config dict, out_indices) -> backbone`` with random weights.
+    """
+    saved, state = read_saved_folder(source)
+    backbone = make(saved, out_indices or saved.get("out_indices"))
+    held = f" ({saved['model_class']})" if "model_class" in saved else ""
+    load_state_strict(backbone, state, source, f"pivotseg {backbone.name}{held}")
+    return backbone
+
+
 # ----- helpers shared by several backbones ----------------------------------------------------
 NECK = "neck"
 
@@ -329,6 +448,23 @@ def read_safetensors_file(source, name: str, convert_what: str) -> dict[str, tor
             f"{convert_what} once with safetensors.torch.save_file in a trusted environment"
         )
     return load_file(str(path))
+
+
+def choose_preset(
+    name: str, presets: dict[str, dict], config: dict | None, default: str
+) -> tuple[str, dict]:
+    """The preset ``config["variant"]`` names (``default`` if none) and the other settings.
+
+    Raises:
+        ConfigError: the variant is not a key of ``presets``.
+    """
+    from pivotseg.errors import ConfigError
+
+    overrides = dict(config or {})
+    variant = overrides.pop("variant", default)
+    if variant not in presets:
+        raise ConfigError(f"{name}: unknown variant {variant!r}; known: {', '.join(presets)}")
+    return variant, overrides
 
 
 def dataclass_config(name: str, config_class: type, values: dict):

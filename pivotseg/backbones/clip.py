@@ -22,19 +22,17 @@ trained under DDP, enable ``find_unused_parameters`` (or build with ``with_text=
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
-from pivotseg.backbones.base import (
-    CLIP_MEAN,
-    CLIP_STD,
-    tokens_to_map,
-)
+from pivotseg.backbones.base import CLIP_MEAN, CLIP_STD, choose_preset, tokens_to_map
 from pivotseg.backbones.hf import VisionTowerBackbone, build_vision_tower, load_tokenizer
 from pivotseg.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel, CLIPVisionModel
 
 _VIT_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 _VIT_L = dict(
@@ -61,12 +59,6 @@ HUB_IDS = {
     "vit_l14_336": "openai/clip-vit-large-patch14-336",
 }
 
-# config.json model_type -> class; saved class name -> (model class, config class).
-MODEL_TYPES = {"clip": CLIPModel, "clip_vision_model": CLIPVisionModel}
-SAVED_CLASSES = {
-    "CLIPModel": (CLIPModel, CLIPConfig),
-    "CLIPVisionModel": (CLIPVisionModel, CLIPVisionConfig),
-}
 # Keys of a full CLIPModel checkpoint that a vision-only load leaves unused on purpose.
 NON_VISION_KEYS = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
@@ -77,18 +69,40 @@ class ClipBackbone(VisionTowerBackbone):
     pixel_mean = CLIP_MEAN
     pixel_std = CLIP_STD
 
-    full_model_class = CLIPModel
-    vision_model_class = CLIPVisionModel
-    model_types = MODEL_TYPES
-    saved_classes = SAVED_CLASSES
     non_vision_keys = NON_VISION_KEYS
     vision_only_hint = (
         "holds only a CLIP vision tower; with_text=True needs a full CLIPModel "
         "checkpoint (e.g. openai/clip-vit-base-patch16)"
     )
 
-    def embed(self, pixel_values):
-        return self.vision.pre_layrnorm(super().embed(pixel_values))
+    @staticmethod
+    def model_classes():
+        from transformers import CLIPModel, CLIPVisionModel
+
+        return CLIPModel, CLIPVisionModel
+
+    def block_input(self, pixel_values):
+        return self.vision.pre_layrnorm(super().block_input(pixel_values))
+
+    # ----- running in two parts (FAMix mines styles in between) ---------------------------------
+    def run_to_block(self, pixel_values, index):
+        index %= self.num_blocks
+        x = self.block_input(pixel_values)
+        for i in range(index + 1):
+            x = self.run_block(i, x)
+        return self.block_map(index, x), x[:, : self.num_prefix_tokens]
+
+    def continue_from_block(self, index, features, prefix=None):
+        """CLIP's image embedding: the class token ``prefix`` runs with the patch tokens of
+        ``features`` through the later blocks, then ``post_layernorm`` and
+        ``visual_projection``."""
+        model = self._text_model("the image embedding (continue_from_block)")
+        if prefix is None:
+            raise ValueError("clip: continue_from_block needs the class token run_to_block gave")
+        x = torch.cat([prefix, features.flatten(2).transpose(1, 2)], dim=1)
+        for i in range(index % self.num_blocks + 1, self.num_blocks):
+            x = self.run_block(i, x)
+        return model.visual_projection(self.vision.post_layernorm(x[:, 0]))
 
     # ----- text side ------------------------------------------------------------------------------
     def _text_model(self, what: str) -> CLIPModel:
@@ -161,10 +175,9 @@ def random_clip_model(config: dict[str, Any], with_text: bool) -> CLIPModel | CL
 
     ``text_config`` (overrides of the text tower) and ``projection_dim`` apply with text only.
     """
-    config = dict(config)
-    variant = config.pop("variant", "vit_b16")
-    if variant not in PRESETS:
-        raise ConfigError(f"clip: unknown variant {variant!r}; known: {', '.join(PRESETS)}")
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+    variant, config = choose_preset("clip", PRESETS, config, "vit_b16")
     preset = PRESETS[variant]
     text = {**preset["text"], **config.pop("text_config", {})}
     dim = config.pop("projection_dim", preset["dim"])

@@ -17,11 +17,14 @@ first; ``"famix"`` reproduces FAMix's code, which leaves the first and middle bl
 previous dilation and dilates only the last block of the stage.
 
 Features are the outputs of layer1..layer4 (strides 4, 8, 16, 32, or less where dilated).
-:meth:`ClipResNetBackbone.forward_stages` runs any contiguous range of stages (FAMix stylises
-layer1 features and runs layers 2-4 on them), :meth:`ClipResNetBackbone.add_stage_hook` rewrites
-a stage's output inside an ordinary forward, and :meth:`ClipResNetBackbone.attnpool_forward`
-turns layer4 features into the CLIP image embedding. There are no transformer blocks:
-:attr:`blocks` is empty, so token-hook methods (Rein, DPFT) refuse this backbone.
+:meth:`ClipResNetBackbone.forward_stages` runs any contiguous range of stages,
+:meth:`ClipResNetBackbone.add_stage_hook` rewrites a stage's output inside an ordinary forward,
+and :meth:`ClipResNetBackbone.attnpool_forward` turns layer4 features into the CLIP image
+embedding. Through the generic split interface (``Backbone.run_to_block`` and the rest; index
+``i`` is stage ``layer{i+1}``, as in ``out_indices``) FAMix stylises layer1 features and runs
+layers 2-4 and the attention pool on them. There are no
+transformer blocks: :attr:`blocks` is empty, so token-hook methods (Rein, DPFT) refuse this
+backbone.
 
 Checkpoints: module names follow OpenAI's CLIP layout (``visual.conv1.weight``,
 ``visual.layer1.0.downsample.0.weight``, ``visual.attnpool.c_proj.weight``...), so a public
@@ -46,6 +49,7 @@ from pivotseg.backbones.base import (
     CLIP_MEAN,
     CLIP_STD,
     Backbone,
+    SplitPoint,
     dataclass_config,
     is_saved_folder,
     load_state_strict,
@@ -335,6 +339,34 @@ class ClipResNetBackbone(Backbone):
         last = STAGES[max(indices) + 1]
         outputs = self.stage_outputs(pixel_values, "stem", last)
         return [outputs[STAGES[i + 1]] for i in indices]
+
+    # ----- running in two parts (stage i: layer{i+1}) ------------------------------------------
+    def split_points(self) -> list[SplitPoint]:
+        return [
+            SplitPoint(
+                STAGES[i + 1],
+                stride,
+                dim,
+                nonnegative=True,
+                pretraining_grid=self.cfg.image_size // stride,
+            )
+            for i, (stride, dim) in enumerate(zip(self.stage_strides, self.stage_dims))
+        ]
+
+    def run_to_block(self, pixel_values, index):
+        return self.forward_stages(pixel_values, "stem", STAGES[1:][index]), None
+
+    def continue_from_block(self, index, features, prefix=None):
+        stage = STAGES[1:][index]
+        if stage != STAGES[-1]:
+            features = self.forward_from(stage, features)
+        return self.attnpool_forward(features)
+
+    def add_map_hook(self, index, fn):
+        return self.add_stage_hook(STAGES[1:][index], fn)
+
+    def last_block_prefix(self) -> str:
+        return f"visual.layer4.{len(self.visual.layer4) - 1}."
 
     def attnpool_forward(self, layer4_features: torch.Tensor) -> torch.Tensor:
         """The CLIP image embedding ``(B, output_dim)`` from layer4 features of any grid size."""

@@ -1,8 +1,9 @@
 """DINOv2 through transformers' ``Dinov2Model`` (wrapped, not forked).
 
 Two names: ``dinov2`` (``Dinov2Model``) and ``dinov2_reg`` (``Dinov2WithRegistersModel``, the
-"Vision Transformers Need Registers" checkpoints); both share :class:`Dinov2Backbone`, which drops
-the class and register tokens from the feature maps and hooks.
+"Vision Transformers Need Registers" checkpoints); both share :class:`Dinov2ViTBackbone`, which
+drops the class and register tokens from the feature maps and hooks (named so as not to clash
+with transformers' own ``Dinov2Backbone``).
 
 Rein and DPFT run DINOv2 at patch 16 instead of 14 so that a 512 crop gives a 32x32 grid:
 :func:`convert_patch_size` resizes the patch-embedding kernel and the position embedding
@@ -13,26 +14,22 @@ Loading from the hub or a transformers folder goes through :mod:`pivotseg.backbo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from transformers import (
-    Dinov2Config,
-    Dinov2Model,
-    Dinov2WithRegistersConfig,
-    Dinov2WithRegistersModel,
-)
 
 from pivotseg.backbones.base import (
     Backbone,
+    choose_preset,
     is_saved_folder,
-    load_state_strict,
-    read_saved_folder,
+    load_saved_folder,
     tokens_to_map,
 )
-from pivotseg.backbones.hf import from_pretrained_checked, pick_model_class
-from pivotseg.errors import ConfigError
+from pivotseg.backbones.hf import load_transformers
+
+if TYPE_CHECKING:
+    from transformers import Dinov2Model, Dinov2WithRegistersModel
 
 # The published sizes (facebook/dinov2-{small,base,large,giant}).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -46,22 +43,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 HUB_IDS = {k: f"facebook/dinov2-{k}" for k in PRESETS}
 REG_HUB_IDS = {k: f"facebook/dinov2-with-registers-{k}" for k in PRESETS}
 
-# backbone name -> (transformers model_type, model class, config class)
-ARCHITECTURES = {
-    "dinov2": ("dinov2", Dinov2Model, Dinov2Config),
-    "dinov2_reg": ("dinov2_with_registers", Dinov2WithRegistersModel, Dinov2WithRegistersConfig),
-}
+
+def model_class(name: str) -> type:
+    """The transformers model class behind backbone ``name`` (``dinov2`` or ``dinov2_reg``)."""
+    from transformers import Dinov2Model, Dinov2WithRegistersModel
+
+    return Dinov2WithRegistersModel if name == "dinov2_reg" else Dinov2Model
 
 
-class Dinov2Backbone(Backbone):
+class Dinov2ViTBackbone(Backbone):
     name = "dinov2"
-    pixel_mean = (123.675, 116.28, 103.53)  # ImageNet statistics
-    pixel_std = (58.395, 57.12, 57.375)
 
     def __init__(self, model: Dinov2Model | Dinov2WithRegistersModel, out_indices=None):
         super().__init__(out_indices)
         self.model = model
-        if isinstance(model, Dinov2WithRegistersModel):
+        if model.config.model_type == "dinov2_with_registers":
             self.name = "dinov2_reg"
         self.patch_size = self.size_divisor = model.config.patch_size
         self._prefix = 1 + getattr(model.config, "num_register_tokens", 0)
@@ -77,9 +73,6 @@ class Dinov2Backbone(Backbone):
     def block_strides(self):
         return [self.patch_size] * self.model.config.num_hidden_layers
 
-    def _grid(self, pixel_values):
-        return pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size
-
     def _split_block_output(self, index, output):
         tensor = output[0] if isinstance(output, tuple) else output
         prefix, tokens = tensor[:, : self._prefix], tensor[:, self._prefix :]
@@ -90,20 +83,14 @@ class Dinov2Backbone(Backbone):
 
         return tokens, self._current_hw, rebuild
 
-    def forward_blocks(self, pixel_values, indices):
-        self._current_hw = self._grid(pixel_values)
-        wanted = set(indices)
-        x = self.model.embeddings(pixel_values)
-        maps = {}
-        for i, layer in enumerate(self.model.encoder.layer):
-            x = layer(x)
-            x = x[0] if isinstance(x, tuple) else x
-            if i in wanted:
-                # Rein/DINOv2 segmentation read intermediate blocks without the final LayerNorm.
-                maps[i] = tokens_to_map(x[:, self._prefix :], self._current_hw)
-            if i >= max(wanted):
-                break
-        return [maps[i] for i in indices]
+    def block_input(self, pixel_values):
+        h, w = pixel_values.shape[-2:]
+        self._current_hw = (h // self.patch_size, w // self.patch_size)
+        return self.model.embeddings(pixel_values)
+
+    def block_map(self, index, x):
+        # Rein/DINOv2 segmentation read intermediate blocks without the final LayerNorm.
+        return tokens_to_map(x[:, self._prefix :], self._current_hw)
 
     def config_dict(self):
         return {
@@ -142,27 +129,23 @@ def convert_patch_size(model: Dinov2Model, patch_size: int, image_size: int = 51
 
 
 def _build(name, source, config, out_indices, patch_size):
-    model_type, model_class, config_class = ARCHITECTURES[name]
-    config = dict(config or {})
+    cls = model_class(name)
     if is_saved_folder(source):
-        saved, state = read_saved_folder(source)
-        model = model_class(config_class(**saved["config"]))
-        wrapper = Dinov2Backbone(model, out_indices or saved.get("out_indices"))
-        load_state_strict(wrapper, state, source, f"pivotseg {name}")
-        return wrapper
+
+        def make(saved, levels):
+            return Dinov2ViTBackbone(cls(cls.config_class(**saved["config"])), levels)
+
+        return load_saved_folder(source, out_indices, make)
     if source is not None:
-        pick_model_class(source, name, {model_type: model_class})
-        model = from_pretrained_checked(
-            model_class, source, f"transformers {model_class.__name__}", **config
+        model = load_transformers(
+            source, name, {cls.config_class.model_type: cls}, **(config or {})
         )
     else:
-        variant = config.pop("variant", "small")
-        if variant not in PRESETS:
-            raise ConfigError(f"{name}: unknown variant {variant!r}; known: {', '.join(PRESETS)}")
-        model = model_class(config_class(**{**PRESETS[variant], **config}))
+        variant, overrides = choose_preset(name, PRESETS, config, "small")
+        model = cls(cls.config_class(**{**PRESETS[variant], **overrides}))
     if patch_size is not None:
         convert_patch_size(model, patch_size, image_size=32 * patch_size)
-    return Dinov2Backbone(model, out_indices)
+    return Dinov2ViTBackbone(model, out_indices)
 
 
 def build_dinov2(source=None, config=None, out_indices=None, patch_size: int | None = None):

@@ -45,11 +45,12 @@ from pivotseg.backbones.base import (
     CLIP_MEAN,
     CLIP_STD,
     Backbone,
+    choose_preset,
     dataclass_config,
     is_saved_folder,
+    load_saved_folder,
     load_state_strict,
     read_safetensors_file,
-    read_saved_folder,
     tokens_to_map,
 )
 from pivotseg.errors import CheckpointError, ConfigError
@@ -369,28 +370,26 @@ class Eva02Backbone(Backbone):
         prefix, tokens = output[:, :1], output[:, 1:]
         return tokens, self._current_hw, lambda new: torch.cat([prefix, new], dim=1)
 
-    def _tokens(self, pixels: torch.Tensor, last: int):
-        x, grid = self.visual.embed(pixels)
+    def block_input(self, pixel_values):
+        x, grid = self.visual.embed(pixel_values)
         self._current_hw = grid
-        rope = self.visual.rope(grid, x.device, x.dtype)
-        for i in range(last + 1):
-            x = self.visual.run_block(i, x, rope)
-            yield i, x
+        self._rope = self.visual.rope(grid, x.device, x.dtype)
+        return x
 
-    def forward_blocks(self, pixel_values, indices):
-        wanted = set(indices)
-        maps = {}
-        for i, x in self._tokens(pixel_values, max(wanted)):
-            if i in wanted:
-                maps[i] = tokens_to_map(x[:, 1:], self._current_hw)
-        return [maps[i] for i in indices]
+    def run_block(self, index, x):
+        return self.visual.run_block(index, x, self._rope)
+
+    def block_map(self, index, x):
+        return tokens_to_map(x[:, 1:], self._current_hw)
 
     def clip_embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The CLIP image embedding ``(B, embed_dim)`` (final norm of the class token + head)."""
         if not self.cfg.clip_head:
             raise ConfigError("eva02: this tower was built with clip_head=False; set it to True")
         self.check_input(pixel_values)
-        *_, (_, x) = self._tokens(pixel_values, self.cfg.depth - 1)
+        x = self.block_input(pixel_values)
+        for i in range(self.cfg.depth):
+            x = self.run_block(i, x)
         return self.visual.head(self.visual.norm(x[:, 0]))
 
     def config_dict(self):
@@ -485,19 +484,15 @@ def build_eva02(source=None, config=None, out_indices=None) -> Eva02Backbone:
             :class:`Eva02Config` field (e.g. ``drop_path_rate``, ``grad_checkpointing``).
         out_indices: blocks whose outputs become feature maps.
     """
-    config = dict(config or {})
     if is_saved_folder(source):
-        saved, state = read_saved_folder(source)
-        config.pop("variant", None)
-        cfg = _make_config({**saved["config"], **config})
-        backbone = Eva02Backbone(cfg, out_indices or saved.get("out_indices"))
-        load_state_strict(backbone, state, source, "pivotseg eva02")
-        return backbone
-    variant = config.pop("variant", DEFAULT_VARIANT)
-    if variant not in PRESETS:
-        raise ConfigError(f"eva02: unknown variant {variant!r}; known: {', '.join(PRESETS)}")
-    cfg = _make_config({**PRESETS[variant], **config})
-    backbone = Eva02Backbone(cfg, out_indices)
+        overrides = {k: v for k, v in (config or {}).items() if k != "variant"}
+
+        def make(saved, levels):
+            return Eva02Backbone(_make_config({**saved["config"], **overrides}), levels)
+
+        return load_saved_folder(source, out_indices, make)
+    variant, overrides = choose_preset("eva02", PRESETS, config, DEFAULT_VARIANT)
+    backbone = Eva02Backbone(_make_config({**PRESETS[variant], **overrides}), out_indices)
     if source is None:
         return backbone
     public = read_safetensors_file(source, "eva02", "a .pt checkpoint")

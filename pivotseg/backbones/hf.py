@@ -5,8 +5,13 @@ at random), so :func:`from_pretrained_checked` turns that report into a
 :class:`~pivotseg.errors.CheckpointError`. :func:`pick_model_class` reads a source's
 ``config.json`` to choose among the model classes a backbone accepts.
 
+:func:`load_transformers` is both in one call.
+
 :class:`VisionTowerBackbone` and :func:`build_vision_tower` are the parts CLIP and SigLIP share:
 a ViT vision tower, alone or inside a full image-text model whose text tower is kept.
+
+transformers is imported inside functions only, so that importing a backbone module (and the
+registry in :mod:`pivotseg.backbones`) does not import it.
 """
 
 from __future__ import annotations
@@ -20,8 +25,7 @@ from pivotseg.backbones.base import (
     Backbone,
     describe_key_mismatch,
     is_saved_folder,
-    load_state_strict,
-    read_saved_folder,
+    load_saved_folder,
     tokens_to_map,
 )
 from pivotseg.backbones.hub import safe_from_pretrained, source_error
@@ -89,6 +93,15 @@ def from_pretrained_checked(
     return model
 
 
+def load_transformers(source, name: str, classes: dict[str, type], **options):
+    """The model in hub id / folder ``source``, of the class its ``model_type`` picks in
+    ``classes`` (see :func:`pick_model_class`), loaded by :func:`from_pretrained_checked`."""
+    model_class = pick_model_class(source, name, classes)
+    return from_pretrained_checked(
+        model_class, source, f"transformers {model_class.__name__}", **options
+    )
+
+
 def load_tokenizer(source, tokenizer_class, files: tuple[str, ...]):
     """``tokenizer_class.from_pretrained(source)``, or ``None`` when it cannot be loaded.
 
@@ -109,25 +122,17 @@ def load_tokenizer(source, tokenizer_class, files: tuple[str, ...]):
 class VisionTowerBackbone(Backbone):
     """A transformers ViT vision tower, alone or inside a full image-text model.
 
-    Subclasses set the class attributes below. Feature maps are the patch tokens (the first
-    ``num_prefix_tokens`` dropped) after chosen encoder layers, before the final
-    ``post_layernorm``; position embeddings follow the input grid through transformers'
-    ``interpolate_pos_encoding``.
+    Subclasses set the class attributes below and :meth:`model_classes`. Feature maps are the
+    patch tokens (the first ``num_prefix_tokens`` dropped) after chosen encoder layers, before
+    the final ``post_layernorm``; position embeddings follow the input grid through
+    transformers' ``interpolate_pos_encoding``.
 
     Attributes:
-        full_model_class: the image-text model (``CLIPModel``); anything else is a vision tower.
-        vision_model_class: the vision-only model (``CLIPVisionModel``).
-        model_types: ``config.json`` model_type -> class, for :func:`pick_model_class`.
-        saved_classes: saved class name -> (model class, config class).
         non_vision_keys: keys of a full checkpoint that a vision-only load leaves unused.
         vision_only_hint: end of the message when text is asked of a vision-only source.
         num_prefix_tokens: class tokens in front of the patch tokens.
     """
 
-    full_model_class: ClassVar[type]
-    vision_model_class: ClassVar[type]
-    model_types: ClassVar[dict[str, type]]
-    saved_classes: ClassVar[dict[str, tuple[type, type]]]
     non_vision_keys: ClassVar[tuple[str, ...]]
     vision_only_hint: ClassVar[str]
     num_prefix_tokens: ClassVar[int] = 1
@@ -138,6 +143,17 @@ class VisionTowerBackbone(Backbone):
         self.tokenizer = tokenizer
         self.patch_size = self.size_divisor = self.vision.config.patch_size
 
+    @staticmethod
+    def model_classes() -> tuple[type, type]:
+        """The transformers image-text model (``CLIPModel``) and vision-only model
+        (``CLIPVisionModel``) classes; anything but the first is a vision tower."""
+        raise NotImplementedError
+
+    @classmethod
+    def model_types(cls) -> dict[str, type]:
+        """``config.json`` model_type -> class, for :func:`pick_model_class`."""
+        return {c.config_class.model_type: c for c in cls.model_classes()}
+
     @property
     def vision(self):
         """The vision tower (the whole model when it was loaded without text)."""
@@ -145,7 +161,7 @@ class VisionTowerBackbone(Backbone):
 
     @property
     def has_text(self) -> bool:
-        return isinstance(self.model, self.full_model_class)
+        return isinstance(self.model, self.model_classes()[0])
 
     @property
     def blocks(self):
@@ -175,24 +191,17 @@ class VisionTowerBackbone(Backbone):
 
         return tokens, self._current_hw, rebuild
 
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Tokens that enter the first encoder layer."""
-        return self.vision.embeddings(pixel_values, interpolate_pos_encoding=True)
-
-    def forward_blocks(self, pixel_values, indices):
+    def block_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
         h, w = pixel_values.shape[-2:]
         self._current_hw = (h // self.patch_size, w // self.patch_size)
-        wanted = set(indices)
-        x = self.embed(pixel_values)
-        maps = {}
-        for i, layer in enumerate(self.vision.encoder.layers):
-            x = layer(x, None)
-            x = x[0] if isinstance(x, tuple) else x
-            if i in wanted:
-                maps[i] = tokens_to_map(x[:, self.num_prefix_tokens :], self._current_hw)
-            if i >= max(wanted):
-                break
-        return [maps[i] for i in indices]
+        return self.vision.embeddings(pixel_values, interpolate_pos_encoding=True)
+
+    def run_block(self, index, x):
+        out = self.blocks[index](x, None)  # no attention mask
+        return out[0] if isinstance(out, tuple) else out
+
+    def block_map(self, index, x):
+        return tokens_to_map(x[:, self.num_prefix_tokens :], self._current_hw)
 
     def config_dict(self):
         return {
@@ -226,24 +235,25 @@ def build_vision_tower(
         random_model: ``(config, with_text) -> model`` with random weights.
         load_tokenizer_fn: ``source -> tokenizer or None``.
     """
-    cls, name, full = wrapper_class, wrapper_class.name, wrapper_class.full_model_class
+    cls, name = wrapper_class, wrapper_class.name
+    full, vision_only = cls.model_classes()
     config = dict(config or {})
     if is_saved_folder(source):
-        saved, state = read_saved_folder(source)
-        model_class, config_class = cls.saved_classes[saved["model_class"]]
-        model = model_class(config_class(**saved["config"]))
-        tokenizer = load_tokenizer_fn(source) if model_class is full else None
-        wrapper = cls(model, out_indices or saved.get("out_indices"), tokenizer)
-        load_state_strict(wrapper, state, source, f"pivotseg {name} ({saved['model_class']})")
-        return wrapper
+
+        def make(saved, levels):
+            model_class = {c.__name__: c for c in (full, vision_only)}[saved["model_class"]]
+            model = model_class(model_class.config_class(**saved["config"]))
+            return cls(model, levels, load_tokenizer_fn(source) if model_class is full else None)
+
+        return load_saved_folder(source, out_indices, make)
     if source is None:
         return cls(random_model(config, bool(with_text)), out_indices)
-    model_class = pick_model_class(source, name, cls.model_types)
+    model_class = pick_model_class(source, name, cls.model_types())
     allow_unexpected: tuple[str, ...] = ()
-    if with_text and model_class is cls.vision_model_class:
+    if with_text and model_class is vision_only:
         raise ConfigError(f"{source}: {cls.vision_only_hint}")
     if with_text is False and model_class is full:
-        model_class, allow_unexpected = cls.vision_model_class, cls.non_vision_keys
+        model_class, allow_unexpected = vision_only, cls.non_vision_keys
     model = from_pretrained_checked(
         model_class,
         source,

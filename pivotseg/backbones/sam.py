@@ -18,24 +18,24 @@ the embedding SAM's mask decoder reads) chosen with ``"neck"`` (or ``num_blocks`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.nn.functional as F
-from transformers import SamModel, SamVisionConfig, SamVisionModel
-from transformers.models.sam.modeling_sam import SamVisionEncoder
 
 from pivotseg.backbones.base import (
     NECK,
     Backbone,
+    choose_preset,
     default_out_indices,
     is_saved_folder,
     levels_with_neck,
-    load_state_strict,
-    read_saved_folder,
+    load_saved_folder,
     split_grid_output,
 )
-from pivotseg.backbones.hf import from_pretrained_checked, pick_model_class
-from pivotseg.errors import ConfigError
+from pivotseg.backbones.hf import load_transformers
+
+if TYPE_CHECKING:
+    from transformers.models.sam.modeling_sam import SamVisionEncoder
 
 # The published image encoders (facebook/sam-vit-{base,large,huge}).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -57,14 +57,24 @@ HUB_IDS = {
     for k, v in [("vit_b", "base"), ("vit_l", "large"), ("vit_h", "huge")]
 }
 
-# config.json model_type -> class holding a ``vision_encoder``.
-MODEL_TYPES = {"sam": SamModel, "sam_vision_model": SamVisionModel}
+
+def model_types() -> dict[str, type]:
+    """``config.json`` model_type -> transformers class holding a ``vision_encoder``."""
+    from transformers import SamModel, SamVisionModel
+
+    return {"sam": SamModel, "sam_vision_model": SamVisionModel}
+
+
+def vision_encoder(config: dict[str, Any]) -> SamVisionEncoder:
+    """A randomly initialised transformers ``SamVisionEncoder`` of ``SamVisionConfig(**config)``."""
+    from transformers import SamVisionConfig
+    from transformers.models.sam.modeling_sam import SamVisionEncoder
+
+    return SamVisionEncoder(SamVisionConfig(**config))
 
 
 class SamBackbone(Backbone):
     name = "sam"
-    pixel_mean = (123.675, 116.28, 103.53)  # SAM's (ImageNet) statistics
-    pixel_std = (58.395, 57.12, 57.375)
 
     def __init__(self, encoder: SamVisionEncoder, out_indices=None):
         super().__init__(None)
@@ -118,24 +128,17 @@ class SamBackbone(Backbone):
         grid = F.interpolate(pos.permute(0, 3, 1, 2), size=hw, mode="bicubic", align_corners=False)
         return grid.permute(0, 2, 3, 1)
 
-    def forward_blocks(self, pixel_values, indices):
-        n = self.num_blocks
-        wanted = set(indices)
+    def block_input(self, pixel_values):
         # The projection itself: SamPatchEmbeddings refuses sizes other than the configured one.
         x = self.encoder.patch_embed.projection(pixel_values).permute(0, 2, 3, 1)
         pos = self.position_embedding(tuple(x.shape[1:3]))
-        if pos is not None:
-            x = x + pos
-        maps = {}
-        last = n - 1 if n in wanted else max(wanted)
-        for i, layer in enumerate(self.encoder.layers[: last + 1]):
-            x = layer(x)
-            x = x[0] if isinstance(x, tuple) else x
-            if i in wanted:
-                maps[i] = x.permute(0, 3, 1, 2)
-        if n in wanted:
-            maps[n] = self.encoder.neck(x)
-        return [maps[i] for i in indices]
+        return x + pos if pos is not None else x
+
+    def block_map(self, index, x):
+        return x.permute(0, 3, 1, 2)
+
+    def neck_map(self, x):
+        return self.encoder.neck(x)
 
     def config_dict(self):
         levels = [NECK if i == self.num_blocks else i for i in self.out_indices]
@@ -156,23 +159,16 @@ def build_sam(source=None, config=None, out_indices=None) -> SamBackbone:
     Raises:
         CheckpointError: the source is not a SAM checkpoint or its keys do not fit.
     """
-    config = dict(config or {})
     if is_saved_folder(source):
-        saved, state = read_saved_folder(source)
-        encoder = SamVisionEncoder(SamVisionConfig(**saved["config"]))
-        levels = out_indices if out_indices is not None else saved.get("out_indices")
-        wrapper = SamBackbone(encoder, levels)
-        load_state_strict(wrapper, state, source, "pivotseg sam")
-        return wrapper
+
+        def make(saved, levels):
+            return SamBackbone(vision_encoder(saved["config"]), levels)
+
+        return load_saved_folder(source, out_indices, make)
     if source is not None:
-        model_class = pick_model_class(source, "sam", MODEL_TYPES)
-        model = from_pretrained_checked(
-            model_class, source, f"transformers {model_class.__name__}", **config
-        )
+        model = load_transformers(source, "sam", model_types(), **(config or {}))
         return SamBackbone(model.vision_encoder, out_indices)
-    variant = config.pop("variant", "vit_b")
-    if variant not in PRESETS:
-        raise ConfigError(f"sam: unknown variant {variant!r}; known: {', '.join(PRESETS)}")
+    variant, overrides = choose_preset("sam", PRESETS, config, "vit_b")
     # transformers' SAM default (1e-10) assumes a checkpoint follows; random weights need more.
-    vision = SamVisionConfig(**{"initializer_range": 0.02, **PRESETS[variant], **config})
-    return SamBackbone(SamVisionEncoder(vision), out_indices)
+    vision = {"initializer_range": 0.02, **PRESETS[variant], **overrides}
+    return SamBackbone(vision_encoder(vision), out_indices)

@@ -16,25 +16,19 @@ build their own pyramid from the four stages.
 from __future__ import annotations
 
 import math
-from typing import Any
-
-from transformers import (
-    Sam2HieraDetConfig,
-    Sam2HieraDetModel,
-    Sam2Model,
-    Sam2VideoModel,
-    Sam2VisionModel,
-)
+from typing import TYPE_CHECKING, Any
 
 from pivotseg.backbones.base import (
     Backbone,
+    choose_preset,
     is_saved_folder,
-    load_state_strict,
-    read_saved_folder,
+    load_saved_folder,
     split_grid_output,
 )
-from pivotseg.backbones.hf import from_pretrained_checked, pick_model_class
-from pivotseg.errors import ConfigError
+from pivotseg.backbones.hf import load_transformers
+
+if TYPE_CHECKING:
+    from transformers import Sam2HieraDetModel
 
 
 def _hiera(dim: int, heads: int, blocks: list[int], global_blocks: list[int], **extra) -> dict:
@@ -65,17 +59,30 @@ HUB_IDS = {
     "large": "facebook/sam2.1-hiera-large",
 }
 
-# config.json model_type -> (class, how to reach the Hiera trunk inside it).
-MODEL_TYPES = {
-    "sam2": Sam2Model,
-    "sam2_video": Sam2VideoModel,
-    "sam2_vision_model": Sam2VisionModel,
-    "sam2_hiera_det_model": Sam2HieraDetModel,
-}
+
+def model_types() -> dict[str, type]:
+    """``config.json`` model_type -> transformers class that holds a Hiera trunk."""
+    from transformers import Sam2HieraDetModel, Sam2Model, Sam2VideoModel, Sam2VisionModel
+
+    return {
+        "sam2": Sam2Model,
+        "sam2_video": Sam2VideoModel,
+        "sam2_vision_model": Sam2VisionModel,
+        "sam2_hiera_det_model": Sam2HieraDetModel,
+    }
+
+
+def hiera_trunk(config: dict[str, Any]) -> Sam2HieraDetModel:
+    """A randomly initialised ``Sam2HieraDetModel`` of ``Sam2HieraDetConfig(**config)``."""
+    from transformers import Sam2HieraDetConfig, Sam2HieraDetModel
+
+    return Sam2HieraDetModel(Sam2HieraDetConfig(**config))
 
 
 def hiera_of(model) -> Sam2HieraDetModel:
-    """The Hiera trunk inside any of the :data:`MODEL_TYPES` models."""
+    """The Hiera trunk inside any of the :func:`model_types` models."""
+    from transformers import Sam2HieraDetModel, Sam2VisionModel
+
     if isinstance(model, Sam2HieraDetModel):
         return model
     vision = model if isinstance(model, Sam2VisionModel) else model.vision_encoder
@@ -84,8 +91,6 @@ def hiera_of(model) -> Sam2HieraDetModel:
 
 class Sam2Backbone(Backbone):
     name = "sam2"
-    pixel_mean = (123.675, 116.28, 103.53)  # SAM2's (ImageNet) statistics
-    pixel_std = (58.395, 57.12, 57.375)
 
     def __init__(self, trunk: Sam2HieraDetModel, out_indices=None):
         super().__init__(out_indices)
@@ -128,20 +133,13 @@ class Sam2Backbone(Backbone):
     def _split_block_output(self, index, output):
         return split_grid_output(output)
 
-    def forward_blocks(self, pixel_values, indices):
-        wanted = set(indices)
+    def block_input(self, pixel_values):
         x = self.trunk.patch_embed(pixel_values)
         # The trunk's own resize of its background embedding plus the tiled window embedding.
-        x = x + self.trunk._get_pos_embed(x.shape[1:3])
-        maps = {}
-        for i, block in enumerate(self.trunk.blocks):
-            x = block(x)
-            x = x[0] if isinstance(x, tuple) else x
-            if i in wanted:
-                maps[i] = x.permute(0, 3, 1, 2)
-            if i >= max(wanted):
-                break
-        return [maps[i] for i in indices]
+        return x + self.trunk._get_pos_embed(x.shape[1:3])
+
+    def block_map(self, index, x):
+        return x.permute(0, 3, 1, 2)
 
     def config_dict(self):
         return {
@@ -165,21 +163,14 @@ def build_sam2(source=None, config=None, out_indices=None) -> Sam2Backbone:
     Raises:
         CheckpointError: the source is not a SAM2 checkpoint or its keys do not fit.
     """
-    config = dict(config or {})
     if is_saved_folder(source):
-        saved, state = read_saved_folder(source)
-        trunk = Sam2HieraDetModel(Sam2HieraDetConfig(**saved["config"]))
-        wrapper = Sam2Backbone(trunk, out_indices or saved.get("out_indices"))
-        load_state_strict(wrapper, state, source, "pivotseg sam2")
-        return wrapper
+
+        def make(saved, levels):
+            return Sam2Backbone(hiera_trunk(saved["config"]), levels)
+
+        return load_saved_folder(source, out_indices, make)
     if source is not None:
-        model_class = pick_model_class(source, "sam2", MODEL_TYPES)
-        model = from_pretrained_checked(
-            model_class, source, f"transformers {model_class.__name__}", **config
-        )
+        model = load_transformers(source, "sam2", model_types(), **(config or {}))
         return Sam2Backbone(hiera_of(model), out_indices)
-    variant = config.pop("variant", "tiny")
-    if variant not in PRESETS:
-        raise ConfigError(f"sam2: unknown variant {variant!r}; known: {', '.join(PRESETS)}")
-    trunk = Sam2HieraDetModel(Sam2HieraDetConfig(**{**PRESETS[variant], **config}))
-    return Sam2Backbone(trunk, out_indices)
+    variant, overrides = choose_preset("sam2", PRESETS, config, "tiny")
+    return Sam2Backbone(hiera_trunk({**PRESETS[variant], **overrides}), out_indices)

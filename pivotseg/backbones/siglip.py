@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
+from pivotseg.backbones.base import choose_preset
 from pivotseg.backbones.hf import VisionTowerBackbone, build_vision_tower, load_tokenizer
 from pivotseg.errors import ConfigError
 
@@ -57,11 +57,6 @@ HUB_IDS = {
 # SigLIP's tokenizer pads with id 1 (</s>), which also ends each text.
 _TEXT_IDS = dict(pad_token_id=1, eos_token_id=1, bos_token_id=None)
 
-MODEL_TYPES = {"siglip": SiglipModel, "siglip_vision_model": SiglipVisionModel}
-SAVED_CLASSES = {
-    "SiglipModel": (SiglipModel, SiglipConfig),
-    "SiglipVisionModel": (SiglipVisionModel, SiglipVisionConfig),
-}
 NON_VISION_KEYS = ("text_model.", "logit_scale", "logit_bias")
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 
@@ -71,13 +66,15 @@ class SiglipBackbone(VisionTowerBackbone):
     pixel_mean = (127.5, 127.5, 127.5)  # SigLIP maps pixels to [-1, 1]
     pixel_std = (127.5, 127.5, 127.5)
 
-    full_model_class = SiglipModel
-    vision_model_class = SiglipVisionModel
-    model_types = MODEL_TYPES
-    saved_classes = SAVED_CLASSES
     non_vision_keys = NON_VISION_KEYS
     vision_only_hint = "holds only a SigLIP vision tower; with_text=True needs a full SiglipModel"
     num_prefix_tokens = 0  # no class token: every token is a patch token
+
+    @staticmethod
+    def model_classes():
+        from transformers import SiglipModel, SiglipVisionModel
+
+        return SiglipModel, SiglipVisionModel
 
     def encode_text(
         self, texts: Sequence[str] | torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -127,10 +124,9 @@ def load_siglip_tokenizer(source):
 
 def random_siglip_model(config: dict[str, Any], with_text: bool):
     """Random weights from ``{"variant": ..., **vision overrides, "text_config": {...}}``."""
-    config = dict(config)
-    variant = config.pop("variant", "base_p16_224")
-    if variant not in PRESETS:
-        raise ConfigError(f"siglip: unknown variant {variant!r}; known: {', '.join(PRESETS)}")
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+
+    variant, config = choose_preset("siglip", PRESETS, config, "base_p16_224")
     preset = PRESETS[variant]
     text = {**preset["text"], **_TEXT_IDS, **config.pop("text_config", {})}
     vision = {**preset["vision"], **config}

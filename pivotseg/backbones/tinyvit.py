@@ -43,10 +43,11 @@ from torch import nn
 from pivotseg.backbones.base import (
     NECK,
     Backbone,
+    choose_preset,
     is_saved_folder,
     levels_with_neck,
+    load_saved_folder,
     load_state_strict,
-    read_saved_folder,
     tokens_to_map,
 )
 from pivotseg.errors import CheckpointError, ConfigError
@@ -401,9 +402,7 @@ class TinyViTBackbone(Backbone):
     ``num_blocks`` (or ``"neck"``) for the neck output; see the module docstring.
     """
 
-    name = "tinyvit"
-    pixel_mean = (123.675, 116.28, 103.53)  # SAM's statistics (ImageNet, 0-255 scale)
-    pixel_std = (58.395, 57.12, 57.375)
+    name = "tinyvit"  # SAM's pixel statistics: the default, ImageNet's
 
     def __init__(self, encoder: TinyViT, config: dict[str, Any], out_indices=None):
         super().__init__(None)
@@ -475,10 +474,7 @@ class TinyViTBackbone(Backbone):
 
 def resolve_config(config: dict[str, Any] | None) -> dict[str, Any]:
     """A full architecture config: ``variant`` preset (default ``vit_t``) with overrides."""
-    config = dict(config or {})
-    variant = config.pop("variant", "vit_t")
-    if variant not in PRESETS:
-        raise ConfigError(f"tinyvit: unknown variant {variant!r}; known: {', '.join(PRESETS)}")
+    variant, config = choose_preset("tinyvit", PRESETS, config, "vit_t")
     unknown = set(config) - set(PRESETS[variant])
     if unknown:
         raise ConfigError(
@@ -525,12 +521,12 @@ def build_tinyvit(source=None, config=None, out_indices=None) -> TinyViTBackbone
         CheckpointError: the checkpoint does not fit the configured architecture.
     """
     if is_saved_folder(source):
-        saved, state = read_saved_folder(source)
-        cfg = resolve_config({**saved["config"], **(config or {})})
-        levels = out_indices if out_indices is not None else saved.get("out_indices")
-        backbone = TinyViTBackbone(TinyViT(**cfg), cfg, levels)
-        load_state_strict(backbone, state, source, "pivotseg tinyvit")
-        return backbone
+
+        def make(saved, levels):
+            cfg = resolve_config({**saved["config"], **(config or {})})
+            return TinyViTBackbone(TinyViT(**cfg), cfg, levels)
+
+        return load_saved_folder(source, out_indices, make)
     cfg = resolve_config(config)
     backbone = TinyViTBackbone(TinyViT(**cfg), cfg, out_indices)
     if source is not None:

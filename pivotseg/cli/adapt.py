@@ -25,7 +25,9 @@ def register(subparsers) -> None:
         description=(
             "Adapt a run to a folder of unlabelled target images and save the result as a new "
             "run. spl: DPFT's dynamic parts (and the head) by mean-teacher self-training with "
-            "source replay and ClassMix, and set pivots moved toward the target; selftrain: the same without pivots (e.g. Rein); tent: entropy "
+            "source replay and ClassMix, and set pivots moved toward the target (a DPFT run "
+            "trained with pivot_loss or presence_gating on: DPFT's default has no pivots); "
+            "selftrain: the same without pivots (e.g. Rein, default DPFT); tent: entropy "
             "minimisation of the normalisation layers; auto: the first the run allows."
         ),
         epilog=EPILOG,

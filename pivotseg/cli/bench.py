@@ -89,16 +89,16 @@ def register(subparsers) -> None:
 
 
 def run_dg(args: argparse.Namespace) -> int:
-    from pivotseg.config import DatasetSpec
-    from pivotseg.errors import ConfigError
-    from pivotseg.outputs import check_output_dir
-    from pivotseg.tasks.dgss import bench_runs
-    from pivotseg.tasks.dgss.benchmark import (
+    from pivotseg.benchmarking import bench_runs
+    from pivotseg.benchmarking.benchmark import (
         DEFAULT_METHODS,
         BenchPlan,
         load_row_model,
         run_benchmark,
     )
+    from pivotseg.config import DatasetSpec
+    from pivotseg.errors import ConfigError
+    from pivotseg.outputs import check_output_dir
 
     if not args.config.is_file():
         raise ConfigError(f"{args.config}: no such config; pass --config BASE.yaml")

@@ -33,8 +33,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from pivotseg.demo import MissingSharedData, run_demo
     from pivotseg.outputs import check_output_dir
-    from pivotseg.tasks.dgss.demo import MissingSharedData, run_demo
 
     if args.out is not None:
         check_output_dir(args.out, "--out")

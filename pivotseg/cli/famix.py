@@ -34,8 +34,8 @@ def register(subparsers) -> None:
 
 def run_mine(args: argparse.Namespace) -> int:
     from pivotseg.outputs import check_output_file
-    from pivotseg.tasks.openvocab.famix_mining import MiningConfig, mine_dataset
     from pivotseg.tuning.famix import StyleBank
+    from pivotseg.tuning.famix.mining import MiningConfig, mine_dataset
 
     cfg = MiningConfig.from_yaml(args.config)
     for key in ("out", "limit", "device"):

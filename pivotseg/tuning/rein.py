@@ -59,8 +59,11 @@ class TokenMethod(TuningMethod):
     """Shared machinery of Rein and DPFT: low-rank tokens per block, shared MLPs, query link.
 
     Subclasses set the token count before calling :meth:`build_tokens` and implement
-    :meth:`update` (the per-block feature refinement).
+    :meth:`update` (the per-block feature refinement); their constructors take ``query_dim``
+    and ``link_queries``.
     """
+
+    provides_queries = True
 
     def build_tokens(
         self,

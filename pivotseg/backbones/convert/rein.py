@@ -225,7 +225,7 @@ def import_rein(
         CheckpointError: a file is refused or its keys do not fit (named).
         ConfigError: ``out`` holds files already, or the settings contradict the file.
     """
-    from pivotseg.backbones.dinov2 import Dinov2Backbone
+    from pivotseg.backbones.dinov2 import Dinov2ViTBackbone
     from pivotseg.config import DataConfig, EvalConfig, RunConfig, save_config
     from pivotseg.segmenter import SegmenterConfig, build_segmenter
 
@@ -276,7 +276,7 @@ def import_rein(
             "pyramid": "interpolate",
         },
     )
-    segmenter = build_segmenter(cfg, backbone=Dinov2Backbone(model, out_indices), seed=0)
+    segmenter = build_segmenter(cfg, backbone=Dinov2ViTBackbone(model, out_indices), seed=0)
     own_tuning = {k: v for k, v in segmenter.state_dict().items() if k.startswith("tuning.")}
     mismatch = state_mismatch(own_tuning, tuning)
     if mismatch:

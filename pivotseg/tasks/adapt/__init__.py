@@ -4,8 +4,9 @@
   target images; writes a new run folder that ``pivotseg eval`` / ``predict`` open unchanged.
 - :func:`adapt_stream` (``pivotseg predict RUN DIR --adapt``): online, predict each frame, then
   update.
-- Methods (:class:`AdaptSettings`): ``spl`` (DPFT: mean-teacher self-training of the prompt
-  bank, U and gamma, set pivots moved toward the target, pivot loss, reset on drift; offline
+- Methods (:class:`AdaptSettings`): ``spl`` (DPFT trained with set pivots, i.e. ``pivot_loss``
+  or ``presence_gating`` on: mean-teacher self-training of the prompt bank, U and gamma, set
+  pivots moved toward the target, pivot loss, reset on drift; offline
   with source replay, ClassMix and the head in the student, DAFormer-style, :mod:`.uda`;
   source-free with class-balanced pseudo-labels and stochastic restore), ``selftrain`` (the
   same without pivots, e.g. on Rein), ``tent`` (entropy minimisation of the normalisation

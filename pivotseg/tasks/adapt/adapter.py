@@ -51,6 +51,15 @@ def resolve_method(model: Segmenter, requested: str) -> str:
             return "spl"
         return "selftrain" if _declares_parameters(model) else "tent"
     if requested == "spl" and not _has_pivots(model):
+        if hasattr(model.tuning, "cached_pivot_tokens"):
+            # DPFT's pivots are off by default (docs/methods.md, "SPL mode"): say how to get them.
+            raise ConfigError(
+                f"a {method} run without set pivots cannot adapt with spl (it was trained with "
+                "pivot_loss and presence_gating off, the defaults); adapt it with selftrain "
+                "(--method selftrain, or --adapt-method selftrain with predict), or train "
+                f"{method} with model.method_args pivot_loss: true (and/or presence_gating: "
+                "true with class_prompts: true) to have pivots"
+            )
         reason = "it has no set pivots"
     elif requested == "selftrain" and not _declares_parameters(model):
         reason = "it declares no adaptable parameters"

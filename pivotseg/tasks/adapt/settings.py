@@ -27,7 +27,8 @@ class AdaptSettings:
 
     Attributes:
         method: ``spl`` (DPFT: self-training of the dynamic parts plus set pivots moved toward
-            the target), ``selftrain`` (the same mean-teacher self-training, no pivots; any
+            the target; a run trained with ``pivot_loss`` or ``presence_gating`` on, both off
+            by default), ``selftrain`` (the same mean-teacher self-training, no pivots; any
             method that declares ``adaptable_parameters``), ``tent`` (entropy minimisation of
             the normalisation layers' affine parameters), or ``auto`` (spl for runs with set
             pivots, else selftrain when the method declares adaptable parameters, else tent).

@@ -1,18 +1,14 @@
 """Language-driven segmentation with CLIP: training-free open-vocabulary segmentation
-(MaskCLIP, SCLIP, ClearCLIP, NACLIP, ProxyCLIP) and FAMix style mining (see docs/openvocab.md
-and docs/famix.md)."""
+(MaskCLIP, SCLIP, ClearCLIP, NACLIP, ProxyCLIP; see docs/openvocab.md). The CLIP text side lives
+in :mod:`pivotseg.text` (FAMix uses it too); its public names are re-exported here."""
 
+from pivotseg.tasks.openvocab.classes import parse_class_names
 from pivotseg.tasks.openvocab.dense import VARIANTS, DenseClip, dense_last_block
 from pivotseg.tasks.openvocab.pamr import PAMR
 from pivotseg.tasks.openvocab.run import evaluate_dataset, predict_images
 from pivotseg.tasks.openvocab.segmenter import OpenVocabSegmenter, load_clip
-from pivotseg.tasks.openvocab.templates import FAMIX_STYLES, OPENAI_IMAGENET_TEMPLATES
-from pivotseg.tasks.openvocab.text import (
-    ClipTextEncoder,
-    load_openai_text_encoder,
-    parse_class_names,
-    prompt_embeddings,
-)
+from pivotseg.text.encoder import ClipTextEncoder, load_openai_text_encoder, prompt_embeddings
+from pivotseg.text.templates import FAMIX_STYLES, OPENAI_IMAGENET_TEMPLATES
 
 __all__ = [
     "FAMIX_STYLES",

@@ -25,14 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pivotseg.errors import ConfigError
+from pivotseg.tasks.openvocab.classes import parse_class_names
 from pivotseg.tasks.openvocab.dense import DenseClip, check_variant, gaussian_sigma_ok
 from pivotseg.tasks.openvocab.pamr import PAMR
-from pivotseg.tasks.openvocab.templates import resolve_templates
-from pivotseg.tasks.openvocab.text import (
-    parse_class_names,
-    prompt_embeddings,
-    text_encoder_from_backbone,
-)
+from pivotseg.text.encoder import prompt_embeddings, text_encoder_from_backbone
+from pivotseg.text.templates import resolve_templates
 
 IGNORE_INDEX = 255
 MODES = ("whole", "slide")

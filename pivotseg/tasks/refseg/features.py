@@ -62,7 +62,7 @@ class FeatureMap:
 
 
 class PredictorFeatures:
-    """Feature maps from a :class:`~pivotseg.tasks.refseg.predictor.SamPredictor` (set_image)."""
+    """Feature maps from a :class:`~pivotseg.tasks.refseg.predictor.PromptMaskPredictor` (set_image)."""
 
     def __init__(self, predictor):
         self.predictor = predictor

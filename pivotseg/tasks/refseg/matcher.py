@@ -53,7 +53,7 @@ from scipy.optimize import linear_sum_assignment
 from pivotseg.tasks.refseg.base import ReferenceSegmenter, check_references, empty_mask
 from pivotseg.tasks.refseg.calibration import MatchCalibration
 from pivotseg.tasks.refseg.features import BackboneFeatures, FeatureMap, PredictorFeatures
-from pivotseg.tasks.refseg.predictor import SamPredictor
+from pivotseg.tasks.refseg.predictor import PromptMaskPredictor
 
 
 def kmeans_pp(points: np.ndarray, k: int, seed: int = 0, iterations: int = 20) -> np.ndarray:
@@ -126,7 +126,7 @@ class Matcher(ReferenceSegmenter):
 
     def __init__(
         self,
-        predictor: SamPredictor,
+        predictor: PromptMaskPredictor,
         backbone=None,
         image_size: int = 518,
         num_centers: int = 8,

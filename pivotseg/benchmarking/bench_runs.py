@@ -14,13 +14,13 @@ A run folder ``OUT/<row>/seed<N>`` found again is
 
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
 
 from pivotseg.config import RunConfig, config_differences, load_config
 from pivotseg.engine.run_lock import LOCK_NAME, RunLock
 from pivotseg.errors import ConfigError
+from pivotseg.naming import closest
 
 NEW, FINISHED, RESUME, RESTART, CHANGED = "new", "finished", "resume", "restart", "changed"
 
@@ -48,8 +48,8 @@ def check_rows(labels: list[str], models: dict, variants: dict, slug) -> None:
             continue
         method = variants.get(label, (label, {}))[0]
         if method not in METHODS:
-            close = difflib.get_close_matches(method, list(METHODS), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
+            close = closest(method, METHODS)
+            hint = f"; did you mean {close}?" if close else ""
             if "=" in method:  # argparse gives --methods the overrides written after it
                 hint = "; write key=value overrides before --methods"
             raise ConfigError(

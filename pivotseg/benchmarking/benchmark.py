@@ -3,7 +3,7 @@
 Each (method, seed) run is an ordinary training run (``pivotseg train`` with overrides) started
 in a child process, so that its peak memory is its own and a crash or Ctrl-C loses only that
 run: finished runs are found again and skipped when the benchmark is started once more, and
-interrupted ones are resumed (:mod:`pivotseg.tasks.dgss.bench_runs` says when a run found again
+interrupted ones are resumed (:mod:`pivotseg.benchmarking.bench_runs` says when a run found again
 is reused, resumed, started again or set aside).
 Model selection uses the source-side validation split only; targets are reported, never used
 to choose anything.
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from pivotseg.benchmarking import bench_runs
 from pivotseg.config import (
     DatasetSpec,
     RunConfig,
@@ -38,7 +39,6 @@ from pivotseg.config import (
 from pivotseg.data.from_spec import spec_root
 from pivotseg.errors import ConfigError, PivotsegError
 from pivotseg.evaluation.paired import PairedDifference, paired_difference
-from pivotseg.tasks.dgss import bench_runs
 
 DEFAULT_METHODS = ("frozen", "full", "lora", "rein", "dpft")
 # Targets with fewer frames are smoke checks: their own columns, outside the headline mean (one
@@ -209,7 +209,7 @@ def _run_state(plan: BenchPlan, label: str, seed: int) -> tuple[str, str]:
 
 def run_one(plan: BenchPlan, method: str, seed: int) -> RunResult:
     """The result of row ``method`` with ``seed``: reused, resumed or trained (in a child
-    process) as :mod:`~pivotseg.tasks.dgss.bench_runs` describes."""
+    process) as :mod:`~pivotseg.benchmarking.bench_runs` describes."""
     run_dir = _run_dir(plan, method, seed)
     result_file = run_dir / "bench.json"
     overrides = _overrides_for(plan, method, seed, run_dir)
@@ -235,7 +235,7 @@ def run_one(plan: BenchPlan, method: str, seed: int) -> RunResult:
             "eval_frames": plan.eval_frames,
         }
         code = (
-            "import sys, json; from pivotseg.tasks.dgss.benchmark import _child_main; "
+            "import sys, json; from pivotseg.benchmarking.benchmark import _child_main; "
             "sys.exit(_child_main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], "
             "json.loads(sys.argv[4])))"
         )

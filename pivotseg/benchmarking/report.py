@@ -15,8 +15,11 @@ from pathlib import Path
 
 import torch
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-README = Path(__file__).resolve().parent.parent / "README.md"
+from pivotseg.paths import REPO_ROOT
+
+# The checkout's files (bench/ scripts run from a source checkout, pivotseg installed editable).
+DOC = REPO_ROOT / "docs" / "benchmarks.md"
+README = REPO_ROOT / "README.md"
 HEADER = "# Benchmarks\n\nEvery figure here comes from a script under `bench/`; each section names the command and the machine.\n"
 
 

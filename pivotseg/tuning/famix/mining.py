@@ -1,5 +1,8 @@
 """FAMix style mining over a dataset, driven by a small YAML file (``pivotseg famix mine``).
 
+Data preparation for the ``famix`` tuning method: one pass over the source set writes the style
+bank it trains with (the per-batch optimisation is :mod:`pivotseg.tuning.famix.pin`).
+
 Example (FAMix's RN50 on GTA5)::
 
     backbone: clip_resnet
@@ -26,9 +29,8 @@ settings with the same ``out`` are refused (start a new file or delete the old o
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,12 @@ from tqdm.auto import tqdm
 
 from pivotseg.backbones.hub import refuse_unsafe_options
 from pivotseg.errors import ConfigError
-from pivotseg.tasks.openvocab.templates import FAMIX_STYLES, resolve_templates
+from pivotseg.text.templates import FAMIX_STYLES, resolve_templates
+from pivotseg.tuning.famix.bank import StyleBank
+from pivotseg.tuning.famix.pin import mine_styles, select_patches
+from pivotseg.tuning.famix.site import StyleSite, site_fingerprint, style_site
+from pivotseg.tuning.famix.styles import dominant_classes
+from pivotseg.typed_config import read_dataclass
 
 IGNORE_PROMPT = "photo"  # FAMix's target text for patches whose dominant label is ignore
 
@@ -95,20 +102,11 @@ class MiningConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "famix config") -> MiningConfig:
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"keys: {', '.join(names)}"
-                raise ConfigError(f"{where}: unknown key {key!r}; {hint}")
-        for key in ("backbone", "dataset", "out"):
-            if key not in data:
-                raise ConfigError(f"{where}: {key!r} is required")
-        cfg = cls(**data)
+        cfg = read_dataclass(cls, data, source=where)
         refuse_unsafe_options(cfg.backbone_config or {}, f"{where}: backbone_config")
         if not cfg.styles:
             raise ConfigError(f"{where}: styles is empty; list style names or leave it out")
-        if not isinstance(cfg.dataset, dict) or "path" not in cfg.dataset:
+        if "path" not in cfg.dataset:
             raise ConfigError(f"{where}: dataset needs at least a path (and format, split)")
         if cfg.steps < 0 or cfg.batch_size < 1 or cfg.save_every < 1:
             raise ConfigError(f"{where}: steps >= 0, batch_size >= 1 and save_every >= 1 please")
@@ -150,7 +148,7 @@ class MiningConfig:
 
 def text_encoder_for(cfg: MiningConfig, backbone):
     """The text tower matching ``backbone`` (see the module docstring)."""
-    from pivotseg.tasks.openvocab.text import load_openai_text_encoder, text_encoder_from_backbone
+    from pivotseg.text.encoder import load_openai_text_encoder, text_encoder_from_backbone
 
     if backbone.name == "clip_resnet":
         source = cfg.text_source or cfg.source
@@ -162,7 +160,7 @@ def text_encoder_for(cfg: MiningConfig, backbone):
         return load_openai_text_encoder(source, cfg.tokenizer)
     encoder = text_encoder_from_backbone(backbone)
     if cfg.tokenizer is not None:
-        from pivotseg.tasks.openvocab.text import load_tokenizer
+        from pivotseg.text.encoder import load_tokenizer
 
         encoder.tokenizer = load_tokenizer(cfg.tokenizer)
     return encoder
@@ -198,15 +196,6 @@ def mine_dataset(cfg: MiningConfig, progress: bool = True) -> Path:
     from pivotseg.backbones import build_backbone
     from pivotseg.data import build_dataset
     from pivotseg.data.transforms import eval_transforms
-    from pivotseg.tasks.openvocab.text import prompt_embeddings
-    from pivotseg.tuning.famix import (
-        StyleBank,
-        dominant_classes,
-        mine_styles,
-        select_patches,
-        site_fingerprint,
-        style_site,
-    )
 
     templates = resolve_templates(cfg.templates)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -228,66 +217,20 @@ def mine_dataset(cfg: MiningConfig, progress: bool = True) -> Path:
     )
     count = len(dataset) if cfg.limit is None else min(cfg.limit, len(dataset))
     batches = -(-count // cfg.batch_size)
-    signature = cfg.run_signature(count)
-    fingerprint = site_fingerprint(site)
     out = Path(cfg.out)
-    bank = StyleBank(
-        list(dataset.classes),
-        site.channels,
-        {
-            "backbone": {"name": backbone.name, "source": cfg.source, **fingerprint},
-            "layer": site.layer_id,
-            "mining": signature,
-            "done_batches": 0,
-            "total_batches": batches,
-        },
-    )
-    if out.exists():
-        saved = StyleBank.load(out)
-        saved.check_fits(site, len(dataset.classes), where=str(out), fingerprint=fingerprint)
-        if saved.info.get("mining") != signature:
-            raise ConfigError(
-                f"{out}: holds styles mined with other settings; give a new out path (or delete "
-                "the file) to start again"
-            )
-        bank = saved
+    bank = _open_bank(cfg, site, list(dataset.classes), count, batches)
     start = int(bank.info.get("done_batches", 0))
     if start >= batches:
         return out
 
     num_classes = len(dataset.classes)
-    names = list(dataset.classes)
-    cache: dict[str, torch.Tensor] = {}
-
-    def target(klass: int, rng: random.Random) -> torch.Tensor:
-        if klass >= num_classes:
-            prompt = IGNORE_PROMPT
-        else:
-            prompt = f"{rng.choice(cfg.styles)} {names[klass].replace('_', ' ')}"
-        if prompt not in cache:
-            cache[prompt] = prompt_embeddings(encoder, [prompt], templates, normalize_each=False)[0]
-        return cache[prompt]
-
-    mean, std = (t.to(device) for t in backbone.pixel_stats())
+    target = _style_targets(cfg, encoder, list(dataset.classes), templates)
+    stats = tuple(t.to(device) for t in backbone.pixel_stats())
     bar = tqdm(
         range(start, batches), desc="famix mine", disable=not progress, initial=start, total=batches
     )
     for batch in bar:
-        indices = range(batch * cfg.batch_size, min((batch + 1) * cfg.batch_size, count))
-        crops = [
-            _crop(dataset[i], cfg.crop, random.Random(cfg.seed * 1_000_003 + i)) for i in indices
-        ]
-        sizes = {tuple(c[1].shape) for c in crops}
-        if len(sizes) > 1:
-            raise ConfigError(
-                f"famix config: images of batch {batch} differ in size ({sorted(sizes)}); set "
-                "crop (or batch_size: 1)"
-            )
-        pixels = (torch.stack([c[0] for c in crops]).to(device) - mean) / std
-        labels = torch.stack([c[1] for c in crops]).to(device)
-        d = backbone.size_divisor
-        pad_h, pad_w = -pixels.shape[-2] % d, -pixels.shape[-1] % d
-        pixels = F.pad(pixels, (0, pad_w, 0, pad_h))
+        pixels, labels = _load_batch(cfg, dataset, batch, count, backbone.size_divisor, stats)
         with torch.no_grad():
             features, context = site.features(pixels)
         classes = dominant_classes(labels, features.shape[-2:], site.stride, num_classes, cfg.parts)
@@ -313,3 +256,77 @@ def mine_dataset(cfg: MiningConfig, progress: bool = True) -> Path:
         if (batch + 1) % cfg.save_every == 0 or batch + 1 == batches:
             bank.save(out)
     return out
+
+
+def _open_bank(
+    cfg: MiningConfig, site: StyleSite, classes: list[str], count: int, batches: int
+) -> StyleBank:
+    """An empty bank for this run, or the one at ``cfg.out`` when it continues this run."""
+    signature = cfg.run_signature(count)
+    fingerprint = site_fingerprint(site)
+    out = Path(cfg.out)
+    if out.exists():
+        saved = StyleBank.load(out)
+        saved.check_fits(site, len(classes), where=str(out), fingerprint=fingerprint)
+        if saved.info.get("mining") != signature:
+            raise ConfigError(
+                f"{out}: holds styles mined with other settings; give a new out path (or delete "
+                "the file) to start again"
+            )
+        return saved
+    return StyleBank(
+        classes,
+        site.channels,
+        {
+            "backbone": {"name": site.backbone.name, "source": cfg.source, **fingerprint},
+            "layer": site.layer_id,
+            "mining": signature,
+            "done_batches": 0,
+            "total_batches": batches,
+        },
+    )
+
+
+def _style_targets(
+    cfg: MiningConfig, encoder, names: list[str], templates: list[str]
+) -> Callable[[int, random.Random], torch.Tensor]:
+    """``target(klass, rng)``: the text embedding of a style drawn by ``rng`` for ``klass``
+    (``"photo"`` for ignore), each prompt embedded once."""
+    from pivotseg.text.encoder import prompt_embeddings
+
+    cache: dict[str, torch.Tensor] = {}
+
+    def target(klass: int, rng: random.Random) -> torch.Tensor:
+        if klass >= len(names):
+            prompt = IGNORE_PROMPT
+        else:
+            prompt = f"{rng.choice(cfg.styles)} {names[klass].replace('_', ' ')}"
+        if prompt not in cache:
+            cache[prompt] = prompt_embeddings(encoder, [prompt], templates, normalize_each=False)[0]
+        return cache[prompt]
+
+    return target
+
+
+def _load_batch(
+    cfg: MiningConfig,
+    dataset,
+    batch: int,
+    count: int,
+    divisor: int,
+    stats: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised pixels (padded to ``divisor``) and labels of batch ``batch``."""
+    mean, std = stats
+    indices = range(batch * cfg.batch_size, min((batch + 1) * cfg.batch_size, count))
+    crops = [_crop(dataset[i], cfg.crop, random.Random(cfg.seed * 1_000_003 + i)) for i in indices]
+    sizes = {tuple(c[1].shape) for c in crops}
+    if len(sizes) > 1:
+        raise ConfigError(
+            f"famix config: images of batch {batch} differ in size ({sorted(sizes)}); set "
+            "crop (or batch_size: 1)"
+        )
+    pixels = (torch.stack([c[0] for c in crops]).to(mean.device) - mean) / std
+    labels = torch.stack([c[1] for c in crops]).to(mean.device)
+    pad_h, pad_w = -pixels.shape[-2] % divisor, -pixels.shape[-1] % divisor
+    return F.pad(pixels, (0, pad_w, 0, pad_h)), labels
