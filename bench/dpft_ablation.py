@@ -30,18 +30,13 @@ from pivotseg.benchmarking.benchmark import (
     smoke_note,
 )
 from pivotseg.benchmarking.report import write_section
+from pivotseg.tuning.dpft import INGREDIENTS
 
 ROOT = check_checkout(__file__)
 
 CONFIG = ROOT / "configs" / "bench_dg_tinyvit_camvid.yaml"
-OFF = dict(
-    class_prompts=False,
-    presence_gating=False,
-    dynamic_context=False,
-    focus_gate=False,
-    pivot_loss=False,
-)
-ALL_ON = {switch: True for switch in OFF}
+OFF = dict.fromkeys(INGREDIENTS, False)
+ALL_ON = dict.fromkeys(INGREDIENTS, True)
 # Every DPFT row keeps DPFT's defaults for what is not an ingredient: gamma init 0.3, the deepest
 # 60% of the blocks, attn_dim 256.
 GRID: dict[str, tuple[str, dict]] = {

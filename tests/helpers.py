@@ -3,6 +3,8 @@ FAMix)."""
 
 from transformers import CLIPTokenizer
 
+from pivotseg.tuning.dpft import INGREDIENTS
+
 
 def tiny_vit_config(**overrides) -> dict:
     """A 4-layer, 32-wide ViT vision tower on 32x32 images with 8x8 patches."""
@@ -19,13 +21,7 @@ def tiny_vit_config(**overrides) -> dict:
 
 # DPFT's mechanisms, off by default since the ablation (docs/benchmarks.md): tests of the
 # mechanisms, and of anything that needs set pivots (SPL), switch them on with this.
-DPFT_ALL_ON = dict(
-    class_prompts=True,
-    presence_gating=True,
-    dynamic_context=True,
-    focus_gate=True,
-    pivot_loss=True,
-)
+DPFT_ALL_ON = dict.fromkeys(INGREDIENTS, True)
 
 # Tiny heads and tuning methods for segmenters on the 32-wide ViT above (segmenter and DGSS tests).
 TINY_HEAD_ARGS = {

@@ -11,18 +11,13 @@ import torch.nn.functional as F
 from pivotseg.backbones.dinov2 import build_dinov2
 from pivotseg.errors import ConfigError
 from pivotseg.tuning import build_method
+from pivotseg.tuning.dpft import INGREDIENTS
 from pivotseg.tuning.pivots import PivotBank, class_pool, patch_classes, pivot_info_nce
 from tests.helpers import DPFT_ALL_ON
 from tests.test_tuning import TINY_DINO, tiny_tinyvit
 
 K = 3
-OFF = dict(
-    class_prompts=False,
-    presence_gating=False,
-    dynamic_context=False,
-    focus_gate=False,
-    pivot_loss=False,
-)
+OFF = dict.fromkeys(INGREDIENTS, False)
 
 
 @pytest.fixture

@@ -33,6 +33,8 @@ from pivotseg.tuning.rein import NO_DECAY, TokenMethod
 PRESENCE_LR_MULT = 10.0
 # Share of the blocks, the deepest, that DPFT refines by default.
 DEFAULT_DEPTH = 0.6
+# The ablation's ingredient switches, all off by default (docs/methods.md, "dpft").
+INGREDIENTS = ("class_prompts", "presence_gating", "dynamic_context", "focus_gate", "pivot_loss")
 
 
 class DPFT(TokenMethod):
