@@ -1,6 +1,9 @@
 """Tiny configs and a tokenizer shared by the tests (segmenters, CLIP/SigLIP, open-vocabulary,
 FAMix)."""
 
+from pathlib import Path
+
+from PIL import Image
 from transformers import CLIPTokenizer
 
 from pivotseg.tuning.dpft import INGREDIENTS
@@ -73,3 +76,17 @@ def tiny_clip_tokenizer(merges: tuple[tuple[str, str], ...] = ()) -> CLIPTokeniz
     for left, right in merges:
         vocab[left + right] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=list(merges))
+
+
+def record_image_opens(monkeypatch) -> list[Path]:
+    """Make ``PIL.Image.open`` record every path it opens (resolved) in the returned list, until
+    ``monkeypatch.undo()``: which files a run read, e.g. that adaptation reads no target label."""
+    opened: list[Path] = []
+    real_open = Image.open
+
+    def spy(path, *args, **kwargs):
+        opened.append(Path(path).resolve())
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", spy)
+    return opened

@@ -36,7 +36,7 @@ from pivotseg.tasks.adapt.selftrain import (
 from pivotseg.tasks.adapt.uda import ReplayTrainer
 from pivotseg.tasks.dgss import evaluate, train
 from pivotseg.tuning.pivots import PivotBank
-from tests.helpers import TINY_HEAD_ARGS, TINY_METHOD_ARGS, tiny_vit_config
+from tests.helpers import TINY_HEAD_ARGS, TINY_METHOD_ARGS, record_image_opens, tiny_vit_config
 
 COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
 # Warm every class up front and keep small thresholds: a tiny random model is not confident.
@@ -142,14 +142,7 @@ def test_self_training_changes_only_declared_parameters(
     source = load(run)
     declared = {n for n, _ in source.tuning.adaptable_parameters()}
     assert declared and all(n.startswith(expected_prefixes) for n in declared)
-    opened = []
-    real_open = Image.open
-
-    def spy(path, *args, **kwargs):
-        opened.append(Path(path).resolve())
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(Image, "open", spy)
+    opened = record_image_opens(monkeypatch)
     out = adapt_run(
         run, world["target"], tmp_path / "new", method=adaptation, steps=3, progress=False,
         source_replay=False, **LOOSE,

@@ -25,6 +25,7 @@ from pivotseg.errors import DataError
 from pivotseg.tasks.adapt import AdaptSettings, adapt_run, adapt_stream
 from pivotseg.tasks.adapt.replay import SourceReplay, class_mix, gaussian_blur
 from pivotseg.tasks.adapt.uda import weighted_cross_entropy
+from tests.helpers import record_image_opens
 
 # the fixture is used by name (pytest), hence F401/F811
 from tests.test_adapt import changed_names, digest, load, tensors, world  # noqa: F401, F811
@@ -38,14 +39,7 @@ def test_replay_trains_declared_parameters_and_head_and_reads_no_target_label(
     source = load(run)
     declared = {n for n, _ in source.tuning.adaptable_parameters()}
     head = {f"head.{n}" for n, _ in source.head.named_parameters()}
-    opened = []
-    real_open = Image.open
-
-    def spy(path, *args, **kwargs):
-        opened.append(Path(path).resolve())
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(Image, "open", spy)
+    opened = record_image_opens(monkeypatch)
     out = adapt_run(run, world["target"], tmp_path / "new", steps=3, progress=False)
     monkeypatch.undo()
 
