@@ -23,6 +23,7 @@ from pivotseg.cli.main import main
 from pivotseg.engine import read_metrics
 from pivotseg.errors import DataError
 from pivotseg.tasks.adapt import AdaptSettings, adapt_run, adapt_stream
+from pivotseg.tasks.adapt.params import norm_affine_parameters
 from pivotseg.tasks.adapt.replay import SourceReplay, class_mix, gaussian_blur
 from pivotseg.tasks.adapt.uda import weighted_cross_entropy
 from tests.helpers import record_image_opens
@@ -39,6 +40,7 @@ def test_replay_trains_declared_parameters_and_head_and_reads_no_target_label(
     source = load(run)
     declared = {n for n, _ in source.tuning.adaptable_parameters()}
     head = {f"head.{n}" for n, _ in source.head.named_parameters()}
+    norms = {n for n, _ in norm_affine_parameters(source)}  # TENT's set, on with replay
     opened = record_image_opens(monkeypatch)
     out = adapt_run(run, world["target"], tmp_path / "new", steps=3, progress=False)
     monkeypatch.undo()
@@ -53,16 +55,21 @@ def test_replay_trains_declared_parameters_and_head_and_reads_no_target_label(
     changed = changed_names(tensors(source), tensors(adapted))
     params = {n for n, _ in adapted.named_parameters()}
     assert changed & head and changed & declared  # the head joins the student by default
-    assert changed & params <= declared | head
-    assert not any(n.startswith("backbone.") for n in changed)
+    assert changed & params <= declared | head | norms
+    # of the backbone only its normalisation layers' affine parameters move
+    assert {n for n in changed if n.startswith("backbone.")} <= norms
+    assert any(n.startswith("backbone.") for n in changed)
     summary = json.loads((out / "adapt.json").read_text())
     assert summary["source_replay"] == str(world["src"])
     settings = summary["settings"]
     assert settings["adapt_head"] is True and settings["restore_prob"] == 0.0
-    assert set(summary["adapted_parameters"]) == declared | head
+    assert settings["adapt_norms"] is True and settings["entropy_weight"] == 1.0
+    assert settings["teacher_momentum"] == 0.9
+    assert set(summary["adapted_parameters"]) == declared | head | norms
     records = read_metrics(out)
     assert [r["iter"] for r in records] == [1, 2, 3]
-    assert {"loss_source", "loss_target", "loss_pivot", "pseudo_quality"} <= records[0].keys()
+    expected = {"loss_source", "loss_target", "loss_entropy", "loss_pivot", "pseudo_quality"}
+    assert expected <= records[0].keys()
 
 
 def test_pseudo_label_weight_is_the_share_of_confident_pixels(world, tmp_path):
@@ -89,6 +96,10 @@ def test_source_free_offline_keeps_the_head_and_the_source_free_defaults(world, 
     summary = json.loads((out / "adapt.json").read_text())
     assert summary["source_replay"] is None
     assert summary["settings"]["lr"] == 1e-4 and summary["settings"]["restore_prob"] == 0.01
+    # source-free keeps its measured recipe: no entropy term, no norms, the slower teacher
+    assert not any(n.startswith("backbone.") for n in changed)
+    assert summary["settings"]["entropy_weight"] == 0.0 and not summary["settings"]["adapt_norms"]
+    assert summary["settings"]["teacher_momentum"] == 0.99
 
 
 def test_online_adaptation_never_replays_the_source(world):
@@ -190,3 +201,64 @@ def test_settings_resolve_by_mode():
     assert s.resolved(True).adapt_head is True and s.resolved(False).adapt_head is False
     assert AdaptSettings(lr=3e-3).resolved(True).lr == 3e-3  # a given value wins
     assert s.resolved(False).source_replay is False
+
+
+def test_class_balanced_selection_labels_the_share_its_class_thresholds_pass(world, tmp_path):
+    run = world["runs"]["rein"]
+    # fraction 1 and floor 0: every pixel passes its class's threshold (the minimum)
+    every = adapt_run(run, world["target"], tmp_path / "a", steps=2, progress=False,
+                      target_selection="class_balanced", class_fraction=1.0,
+                      confidence_floor=0.0, class_mix=False)  # fmt: skip
+    assert all(r["pseudo_quality"] == 1.0 for r in read_metrics(every))
+    # floor 1: no pixel is above it, so the target term has nothing to learn from
+    none = adapt_run(run, world["target"], tmp_path / "b", steps=2, progress=False,
+                     target_selection="class_balanced", confidence_floor=1.0,
+                     class_mix=False)  # fmt: skip
+    records = read_metrics(none)
+    assert all(r["pseudo_quality"] == 0.0 and r["loss_target"] == 0.0 for r in records)
+    # half per class: about half the pixels (ties and the EMA of thresholds aside)
+    half = adapt_run(run, world["target"], tmp_path / "c", steps=1, progress=False,
+                     target_selection="class_balanced", class_fraction=0.5,
+                     confidence_floor=0.0, class_mix=False)  # fmt: skip
+    assert 0.3 < read_metrics(half)[0]["pseudo_quality"] <= 0.7
+
+
+def test_entropy_term_is_the_mean_entropy_of_the_student_on_the_target(world):
+    from pivotseg.tasks.adapt.selftrain import mean_entropy
+
+    logits = torch.tensor([[[[0.0, 5.0]], [[0.0, 0.0]]]])  # (1, 2, 1, 2): p = 1/2 and ~1
+    where = torch.tensor([[[True, False]]])
+    assert math.isclose(float(mean_entropy(logits, where)), math.log(2), rel_tol=1e-6)
+    assert float(mean_entropy(logits, torch.zeros_like(where))) == 0.0
+    model = load(world["runs"]["rein"])
+    frames = [np.array(Image.open(p)) for p in sorted(world["target"].iterdir())]
+    weighted = [f.stats for f in adapt_stream(model, enumerate(frames[:2]), entropy_weight=0.5)]
+    assert all(s["loss_entropy"] > 0 for s in weighted)
+    plain = [f.stats for f in adapt_stream(load(world["runs"]["rein"]), enumerate(frames[:2]))]
+    assert "loss_entropy" not in plain[0]
+
+
+def test_adapt_norms_adds_the_backbone_norms_and_the_run_saves_them(world, tmp_path):
+    run = world["runs"]["rein"]
+    source = load(run)
+    norms = {n for n, _ in norm_affine_parameters(source) if n.startswith("backbone.")}
+    assert norms
+    out = adapt_run(run, world["target"], tmp_path / "n", steps=2, progress=False,
+                    adapt_norms=True, entropy_weight=1.0, lr=1e-2)  # fmt: skip
+    summary = json.loads((out / "adapt.json").read_text())
+    assert norms <= set(summary["adapted_parameters"])
+    adapted = load(out)  # the backbone is rebuilt from its source: the norms come from the run
+    changed = changed_names(tensors(source), tensors(adapted))
+    assert changed & norms
+    assert {"loss_entropy"} <= read_metrics(out)[0].keys()
+    kept = adapt_run(run, world["target"], tmp_path / "k", steps=2, progress=False,
+                     adapt_norms=False, entropy_weight=0.0, lr=1e-2)  # fmt: skip
+    assert not changed_names(tensors(source), tensors(load(kept))) & norms
+    assert "loss_entropy" not in read_metrics(kept)[0]
+
+
+def test_new_settings_are_checked():
+    with pytest.raises(Exception, match="target_selection"):
+        AdaptSettings(target_selection="top")
+    with pytest.raises(Exception, match="entropy_weight"):
+        AdaptSettings(entropy_weight=-1.0)

@@ -120,6 +120,9 @@ def test_refseg_options_reach_only_the_methods_they_apply_to():
     }
     with pytest.raises(ConfigError, match="cav-sam only"):
         MethodSettings("persam", transition="crossfade").method_kwargs()
+    assert MethodSettings("persam-f", zoom=True).method_kwargs() == {"zoom": True}
+    with pytest.raises(ConfigError, match="persam and persam-f only"):
+        MethodSettings("matcher", zoom=True).method_kwargs()
 
 
 def test_refseg_command_line_fills_every_method_setting():

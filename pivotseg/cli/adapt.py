@@ -60,7 +60,26 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--pseudo-threshold", type=float, help="source replay: DAFormer's tau (default 0.968)"
     )
-    group.add_argument("--teacher-momentum", type=float, help="teacher EMA (default 0.99)")
+    group.add_argument(
+        "--target-selection",
+        choices=("quality", "class_balanced"),
+        help="source replay: DAFormer's quality weight or CBST's per-class selection",
+    )
+    group.add_argument(
+        "--entropy-weight",
+        type=float,
+        help="entropy term on the target pixels (default 1 with replay, 0 source-free; 0: off)",
+    )
+    group.add_argument(
+        "--adapt-norms",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the normalisation layers' affine parameters join the student, TENT's set "
+        "(default: on with replay, off source-free)",
+    )
+    group.add_argument(
+        "--teacher-momentum", type=float, help="teacher EMA (default 0.9 replay, 0.99 source-free)"
+    )
     group.add_argument(
         "--restore-prob", type=float, help="stochastic restore (default 0.01, 0 with replay)"
     )
@@ -79,6 +98,9 @@ SETTING_FLAGS = (
     "source_replay",
     "lr",
     "pseudo_threshold",
+    "target_selection",
+    "entropy_weight",
+    "adapt_norms",
     "teacher_momentum",
     "restore_prob",
     "class_fraction",

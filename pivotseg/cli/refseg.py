@@ -46,6 +46,13 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
         "(default 0.7; 0 = reference background, 1 = its mirrored view; 0 disables)",
     )
     parser.add_argument(
+        "--zoom",
+        action="store_true",
+        default=None,
+        help="persam(-f): multi-crop target: segment again a window around a first mask that "
+        "covers at most a quarter of the target, at the encoder's full resolution",
+    )
+    parser.add_argument(
         "--backbone",
         default=None,
         help="matcher: matching backbone name (e.g. dinov2; default: the SAM encoder's features)",

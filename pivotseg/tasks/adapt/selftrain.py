@@ -11,7 +11,8 @@ One step on a batch (``spl`` = all of it; ``selftrain`` = without the pivot part
 4. spl: the set pivots move toward the class means of the teacher's pivot-block tokens over the
    confidently labelled tokens (:func:`move_pivots`);
 5. the student (the adapted parameters in the model) takes one Adam step on cross-entropy
-   against the selected pseudo-labels, plus (spl) DPFT's pivot loss against the moved pivots;
+   against the selected pseudo-labels, plus (``entropy_weight``) the entropy of its prediction
+   on every real pixel, plus (spl) DPFT's pivot loss against the moved pivots;
 6. stochastic restore, the teacher's EMA, and a reset to the source when the drift guard fires.
 """
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from pivotseg.heads.base import IGNORE_INDEX
 from pivotseg.segmenter import Segmenter
+from pivotseg.tasks.adapt.params import norm_affine_parameters
 from pivotseg.tasks.adapt.settings import AdaptSettings
 from pivotseg.tasks.adapt.teacher import MeanTeacher
 from pivotseg.tuning.pivots import class_pool, patch_classes
@@ -129,12 +131,26 @@ def move_pivots(
     return sorted(moved)
 
 
-def student_parameters(model: Segmenter, head: bool) -> dict[str, torch.Tensor]:
-    """The tuning method's declared adaptable parameters, plus (``head``) the head's."""
+def student_parameters(
+    model: Segmenter, head: bool, norms: bool = False
+) -> dict[str, torch.Tensor]:
+    """The tuning method's declared adaptable parameters, plus (``head``) the head's and
+    (``norms``) every normalisation layer's affine parameters (TENT's set)."""
     named = dict(model.tuning.adaptable_parameters())
     if head:
         named.update((f"head.{n}", p) for n, p in model.head.named_parameters())
+    if norms:
+        named.update(norm_affine_parameters(model))
     return named
+
+
+def mean_entropy(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Mean softmax entropy of ``logits`` (B, K, H, W) over the pixels ``where`` (B, H, W);
+    a zero with a graph when there is none."""
+    if not where.any():
+        return logits.sum() * 0.0
+    log_p = F.log_softmax(logits, dim=1)
+    return -(log_p.exp() * log_p).sum(1)[where].mean()
 
 
 def pivot_state(model: Segmenter) -> dict[str, torch.Tensor]:
@@ -157,7 +173,7 @@ class SelfTrainer:
         settings = settings.resolved(replay=self.replay)
         self.model, self.settings, self.pivots = model, settings, pivots
         self.name = "spl" if pivots else "selftrain"
-        named = student_parameters(model, settings.adapt_head)
+        named = student_parameters(model, settings.adapt_head, settings.adapt_norms)
         self.params = named
         generator = torch.Generator().manual_seed(settings.seed)
         state = pivot_state(model) if pivots else {}
@@ -185,7 +201,7 @@ class SelfTrainer:
             else []
         )
 
-        terms = self._optimise(lambda: self._student_losses(images, labels))
+        terms = self._optimise(lambda: self._student_losses(images, labels, valid))
         record = {
             "pseudo_coverage": float(selected[valid].float().mean()),
             "coverage_per_class": _coverage(labels, valid, model.config.num_classes),
@@ -242,8 +258,8 @@ class SelfTrainer:
             "resets": self.resets,
         }
 
-    def _student_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        tuning = self.model.tuning
+    def _student_losses(self, images: torch.Tensor, labels: torch.Tensor, valid) -> dict:
+        tuning, s = self.model.tuning, self.settings
         # DPFT caches its PFF outputs for the pivot loss only in training mode.
         tuning.train(self.pivots)
         try:
@@ -253,6 +269,8 @@ class SelfTrainer:
             else:
                 ce = logits.sum() * 0.0
             terms = {"loss_ce": ce}
+            if s.entropy_weight > 0:
+                terms["loss_entropy"] = s.entropy_weight * mean_entropy(logits, valid)
             if self.pivots:
                 # In eval mode extra_loss returns the pivot loss without its training-time EMA
                 # of the pivots toward labelled features: here move_pivots does that.

@@ -12,13 +12,28 @@ from dataclasses import asdict, dataclass, fields
 from pivotseg.errors import ConfigError
 
 ADAPT_METHODS = ("auto", "spl", "selftrain", "tent")
+TARGET_SELECTIONS = ("quality", "class_balanced")
 
 # Mode-dependent defaults (a field left at None takes the value of its mode). Source-free: the
 # online stream, or offline with ``source_replay=False``. Replay: offline with the run's labelled
 # source data beside the target (DAFormer-style UDA). Chosen on the source-side proxy
 # (bench/adapt_proxy.py, docs/methods.md "SPL mode"), never on target labels.
-SOURCE_FREE_DEFAULTS = {"lr": 1e-4, "restore_prob": 0.01, "adapt_head": False}
-REPLAY_DEFAULTS = {"lr": 1e-4, "restore_prob": 0.0, "adapt_head": True}
+SOURCE_FREE_DEFAULTS = {
+    "lr": 1e-4,
+    "restore_prob": 0.01,
+    "adapt_head": False,
+    "entropy_weight": 0.0,
+    "adapt_norms": False,
+    "teacher_momentum": 0.99,
+}
+REPLAY_DEFAULTS = {
+    "lr": 1e-4,
+    "restore_prob": 0.0,
+    "adapt_head": True,
+    "entropy_weight": 1.0,
+    "adapt_norms": True,
+    "teacher_momentum": 0.9,
+}
 
 
 @dataclass
@@ -44,15 +59,31 @@ class AdaptSettings:
             lr (a student at 5e-4 collapsed in the measurement of methods.md section 9).
         adapt_head: the segmentation head joins the student (None: on with source replay,
             whose labelled source loss anchors it; off source-free, where nothing does).
-        pseudo_threshold: source replay: DAFormer's tau; a target image's pseudo-label loss is
-            weighted by the share of its pixels whose teacher confidence exceeds it, and only
-            those pixels move pivots and enter the pivot loss.
+        pseudo_threshold: source replay with ``target_selection="quality"``: DAFormer's tau; a
+            target image's pseudo-label loss is weighted by the share of its pixels whose
+            teacher confidence exceeds it, and only those pixels move pivots and enter the
+            pivot loss.
+        target_selection: source replay: which target pixels carry pseudo-labels.
+            ``quality`` (DAFormer): every pixel, the image weighted by the share above
+            ``pseudo_threshold``; ``class_balanced`` (CBST): the pixels that pass their class's
+            threshold (``class_fraction``, ``confidence_floor``), weight 1, the same selection
+            as source-free self-training; they also move the pivots.
+        entropy_weight: weight of an entropy term (TENT's loss) on the student's prediction of
+            the target pixels, beside the pseudo-label loss: a signal on every pixel, where
+            confident pseudo-labels are few. 0 turns it off. None: 1 with source replay (the
+            proxy's choice), 0 source-free (not measured there).
+        adapt_norms: the affine parameters of every normalisation layer (TENT's set: the
+            frozen backbone's included) join the student; the saved run carries them. None:
+            on with source replay (the proxy's choice), off source-free.
         class_mix: source replay: ClassMix (half of the source crop's classes pasted onto the
             target crop with their source labels) plus colour jitter and blur on the student's
             input; off: the target crop and its pseudo-labels as they are.
-        teacher_momentum: EMA momentum of the mean teacher; 0.99 gives it a memory of about 100
-            steps, the size of our budgets (CoTTA's 0.999 suits its 40 x 400 steps and, over
-            100 steps, barely moves the teacher: methods.md measured no change).
+        teacher_momentum: EMA momentum of the mean teacher (None: the mode's default); 0.99
+            source-free gives it a memory of about 100 steps (CoTTA's 0.999 suits its 40 x 400
+            steps and, over 100 steps, barely moves the teacher: methods.md measured no
+            change); with source replay 0.9 (memory ~10 steps): at 0.99 the deployed teacher
+            of a 40-step budget still agreed with the source model on 98.6 % of the proxy's
+            pixels, and 0.9 doubled the proxy gain.
         restore_prob: per-element chance per step that a student parameter returns to its
             source value (CoTTA's stochastic restore; None: 0.01 source-free, 0 with source
             replay, whose source loss guards forgetting as in DAFormer).
@@ -83,8 +114,11 @@ class AdaptSettings:
     lr: float | None = None
     adapt_head: bool | None = None
     pseudo_threshold: float = 0.968
+    target_selection: str = "quality"
+    entropy_weight: float | None = None
+    adapt_norms: bool | None = None
     class_mix: bool = True
-    teacher_momentum: float = 0.99
+    teacher_momentum: float | None = None
     restore_prob: float | None = None
     class_fraction: float = 0.5
     confidence_floor: float = 0.5
@@ -127,6 +161,13 @@ class AdaptSettings:
                 raise ConfigError(f"{name}={value}: give a value in [0, 1]")
         if self.class_fraction == 0.0:
             raise ConfigError("class_fraction=0 selects no pixel; give a value in (0, 1]")
+        if self.target_selection not in TARGET_SELECTIONS:
+            raise ConfigError(
+                f"target_selection={self.target_selection!r}: use one of "
+                f"{', '.join(TARGET_SELECTIONS)}"
+            )
+        if self.entropy_weight is not None and self.entropy_weight < 0:
+            raise ConfigError(f"entropy_weight={self.entropy_weight}: give 0 or more")
         if self.pivot_min_tokens < 1:
             raise ConfigError(f"pivot_min_tokens={self.pivot_min_tokens}: give at least 1")
         if self.resize_short is not None and self.resize_short < 1:

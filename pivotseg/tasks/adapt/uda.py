@@ -4,15 +4,18 @@ One step (``spl``; ``selftrain`` = without the pivot parts):
 
 1. the teacher (EMA of the student) predicts a target crop and its flip; the averaged softmax
    gives pseudo-labels on every pixel and the confidence ``c``; the crop's pseudo-label weight
-   is ``q`` = share of its pixels with ``c > tau`` (DAFormer's quality estimate);
+   is ``q`` = share of its pixels with ``c > tau`` (DAFormer's quality estimate); with
+   ``target_selection="class_balanced"`` only the pixels above their class's CBST threshold
+   keep a pseudo-label, at weight 1;
 2. spl: the set pivots move toward the class means of the teacher's pivot-block tokens over
    pixels with ``c > tau`` (:func:`~pivotseg.tasks.adapt.selftrain.move_pivots`);
 3. ClassMix: half of a labelled source crop's classes are pasted onto the target crop with their
    source labels (weight 1); the rest keeps the target's pseudo-labels (weight ``q``); colour
    jitter and blur go on the mixed image;
 4. the student takes one Adam step on the source crop's cross-entropy plus the mixed image's
-   weighted cross-entropy (one forward of both), plus (spl) DPFT's pivot loss over both images
-   against the moved pivots (source classes with their labels, target ones above ``tau``);
+   weighted cross-entropy (one forward of both), plus (``entropy_weight``) the entropy of its
+   prediction on the mixed image's target pixels, plus (spl) DPFT's pivot loss over both images
+   against the moved pivots (source classes with their labels, selected target ones);
 5. the teacher's EMA, and the drift guard's reset to the source (as source-free).
 """
 
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from pivotseg.heads.base import IGNORE_INDEX
 from pivotseg.segmenter import Segmenter
 from pivotseg.tasks.adapt.replay import SourceReplay, class_mix, strong_augment
-from pivotseg.tasks.adapt.selftrain import SelfTrainer, _coverage, move_pivots
+from pivotseg.tasks.adapt.selftrain import SelfTrainer, _coverage, mean_entropy, move_pivots
 from pivotseg.tasks.adapt.settings import AdaptSettings
 
 
@@ -85,11 +88,19 @@ class ReplayTrainer(SelfTrainer):
         device = images.device
         probs, plain, tokens, source_pred = self._predict(images)
         conf, pseudo = probs.max(1)
-        confident = valid & (conf > s.pseudo_threshold)
+        if s.target_selection == "class_balanced":
+            confident = self.thresholds.select(conf, pseudo, valid)
+        else:
+            confident = valid & (conf > s.pseudo_threshold)
         real = valid.flatten(1).sum(1).clamp_min(1)
         quality = confident.flatten(1).sum(1) / real  # (B,) DAFormer's q
-        pseudo = torch.where(valid, pseudo, torch.full_like(pseudo, IGNORE_INDEX))
-        sure = torch.where(confident, pseudo, torch.full_like(pseudo, IGNORE_INDEX))
+        ignore = torch.full_like(pseudo, IGNORE_INDEX)
+        sure = torch.where(confident, pseudo, ignore)
+        if s.target_selection == "class_balanced":  # the selected pixels, each at weight 1
+            pseudo, target_weight = sure, torch.ones_like(conf)
+        else:  # every pixel, the image at DAFormer's weight q
+            pseudo = torch.where(valid, pseudo, ignore)
+            target_weight = quality[:, None, None].expand_as(conf)
         moved = (
             move_pivots(tuning, tokens, sure, s.pivot_momentum, s.pivot_min_tokens)
             if self.pivots
@@ -103,15 +114,20 @@ class ReplayTrainer(SelfTrainer):
             mixed = torch.where(mask[:, None], src_images, images)
             mixed = strong_augment(mixed, self.mix_generator)
             mixed_labels = torch.where(mask, src_labels, pseudo)
-            mixed_weight = torch.where(mask, torch.ones_like(conf), quality[:, None, None])
+            mixed_weight = torch.where(mask, torch.ones_like(conf), target_weight)
             pivot_labels = torch.where(mask, src_labels, sure)
         else:
             mask = torch.zeros_like(valid)
             mixed, mixed_labels, pivot_labels = images, pseudo, sure
-            mixed_weight = quality[:, None, None].expand_as(conf)
+            mixed_weight = target_weight
+        target_pixels = valid & ~mask
         terms = self._optimise(
             lambda: self._replay_losses(
-                src_images, src_labels, mixed, mixed_labels, mixed_weight, pivot_labels
+                src_images,
+                src_labels,
+                mixed,
+                (mixed_labels, mixed_weight, target_pixels),
+                pivot_labels,
             )
         )
         record = {
@@ -125,9 +141,12 @@ class ReplayTrainer(SelfTrainer):
             record["pivots_moved"] = moved
         return probs, record
 
-    def _replay_losses(self, src, src_labels, mixed, mixed_labels, mixed_weight, pivot_labels):
-        tuning = self.model.tuning
+    def _replay_losses(self, src, src_labels, mixed, mixed_targets, pivot_labels):
+        """Source CE, the mixed image's weighted CE (``mixed_targets``: labels, pixel weights,
+        and its target pixels, where the entropy term acts), and (spl) the pivot loss."""
+        tuning, s = self.model.tuning, self.settings
         weight = self.class_weight
+        mixed_labels, mixed_weight, target_pixels = mixed_targets
         n = src.shape[0]
         # DPFT caches its PFF outputs for the pivot loss only in training mode.
         tuning.train(self.pivots)
@@ -139,6 +158,8 @@ class ReplayTrainer(SelfTrainer):
                     logits[n:], mixed_labels, mixed_weight, weight
                 ),
             }
+            if s.entropy_weight > 0:
+                terms["loss_entropy"] = s.entropy_weight * mean_entropy(logits[n:], target_pixels)
             if self.pivots:
                 # eval mode: the pivot loss without the training-time EMA of the pivots toward
                 # labelled features (move_pivots moved them toward the target instead)

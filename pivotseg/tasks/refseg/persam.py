@@ -38,6 +38,11 @@ PERSAM_ATTENTION = "pivotseg_persam"
 # Calibrated match below which a target is "no match" (0: the reference's own background, 1:
 # its mirrored view); see pivotseg.tasks.refseg.calibration for how it was set.
 MIN_MATCH = 0.7
+# Multi-crop target (``zoom``): the window around the first mask grows by this share of the
+# mask's box on every side (context for SAM), and is segmented again only when it covers at
+# most this share of the image (below that the encoder sees the object at least 2x larger).
+ZOOM_MARGIN = 0.5
+ZOOM_MAX_AREA = 0.25
 
 
 def persam_attention_forward(
@@ -116,6 +121,11 @@ class PerSAM(ReferenceSegmenter):
             object's features seen at these scales (:func:`rescaled_view`: shrunk onto a
             canvas below 1, a window around the object enlarged above 1); one encoder pass
             per reference and scale in ``fit``, none more per target.
+        zoom: multi-crop target: when the first mask's window (:func:`zoom_window`) covers at
+            most ``ZOOM_MAX_AREA`` of the target, the window is encoded at the encoder's full
+            resolution and segmented again, and that mask replaces the first (one more encoder
+            pass per such target; small and thin objects get more cells). The match and the
+            no-match decision stay the whole image's.
     """
 
     name = "persam"
@@ -130,8 +140,10 @@ class PerSAM(ReferenceSegmenter):
         positive_points: int = 1,
         negative_points: int = 1,
         reference_scales: Sequence[float] = (1.0,),
+        zoom: bool = False,
     ):
         self.predictor = predictor
+        self.zoom = zoom
         self.target_guided_attention = target_guided_attention
         self.semantic_prompting = semantic_prompting
         self.refinement = refinement
@@ -234,12 +246,39 @@ class PerSAM(ReferenceSegmenter):
         return mask, float(np.clip(iou, 0.0, 1.0) * np.clip(match, 0.0, 1.0))
 
     def segment(self, image: np.ndarray) -> tuple[np.ndarray, float]:
-        embedding = self._require_fit()
-        p = self.predictor.set_image(image)
+        self._require_fit()
+        self.predictor.set_image(image)
         match = self.match()
         if self.rejects(match):
             self.last_points = None
             return empty_mask(image), 0.0
+        mask, iou = self.decode(image)
+        if self.zoom and mask.any():
+            mask, iou = self.zoom_in(image, mask, iou)
+        return self.result(image, mask, iou, match)
+
+    def zoom_in(self, image: np.ndarray, mask: np.ndarray, iou: float) -> tuple[np.ndarray, float]:
+        """The multi-crop pass (see ``zoom``): ``(mask, IoU prediction)`` of the window pasted
+        into the image, or the first ones when the window is too large or comes back empty."""
+        x0, y0, x1, y1 = zoom_window(mask, ZOOM_MARGIN)
+        if (x1 - x0) * (y1 - y0) > ZOOM_MAX_AREA * mask.size:
+            return mask, iou
+        first_points = self.last_points
+        crop = np.ascontiguousarray(image[y0:y1, x0:x1])
+        self.predictor.set_image(crop)
+        crop_mask, crop_iou = self.decode(crop)
+        if not crop_mask.any():
+            self.last_points = first_points
+            return mask, iou
+        full = np.zeros_like(mask)
+        full[y0:y1, x0:x1] = crop_mask
+        self.last_points = self.last_points + np.array([x0, y0], dtype=np.float32)
+        return full, crop_iou
+
+    def decode(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """PerSAM's prompts, guided decoding and refinement on the predictor's current image:
+        ``(mask, SAM's IoU prediction)``; an empty mask and 0 when refinement loses it."""
+        embedding, p = self._require_fit(), self.predictor
         grid_sim, sim = self.similarity()
         points, labels = self.prompt_points(grid_sim, sim)
         self.last_points = points
@@ -274,7 +313,7 @@ class PerSAM(ReferenceSegmenter):
                 multimask_output=True,
             )
             best = int(np.argmax(scores))
-        return self.result(image, masks[best], float(scores[best]), match)
+        return masks[best], float(scores[best])
 
 
 class PerSAMF(PerSAM):
@@ -287,6 +326,7 @@ class PerSAMF(PerSAM):
         train_size: longest side the loss is computed at (``None``: the reference's size).
         min_match: targets whose match is below this get an empty mask (see PerSAM).
         show_progress: tqdm bar over the iterations.
+        zoom: the multi-crop target pass of PerSAM.
     """
 
     name = "persam-f"
@@ -299,6 +339,7 @@ class PerSAMF(PerSAM):
         train_size: int | None = 256,
         min_match: float | None = MIN_MATCH,
         show_progress: bool = True,
+        zoom: bool = False,
     ):
         super().__init__(
             predictor,
@@ -306,6 +347,7 @@ class PerSAMF(PerSAM):
             semantic_prompting=False,
             refinement=True,
             min_match=min_match,
+            zoom=zoom,
         )
         self.iterations = iterations
         self.lr = lr
@@ -361,13 +403,10 @@ class PerSAMF(PerSAM):
             schedule.step()
         return torch.cat([1 - free.sum(0, keepdim=True), free]).detach()
 
-    def segment(self, image: np.ndarray) -> tuple[np.ndarray, float]:
-        self._require_fit()
-        p = self.predictor.set_image(image)
-        match = self.match()
-        if self.rejects(match):
-            self.last_points = None
-            return empty_mask(image), 0.0
+    def decode(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """PerSAM-F's decoding (one positive point, the learned mix of the three masks, two
+        box refinements) on the predictor's current image: ``(mask, IoU prediction)``."""
+        p = self.predictor
         _, sim = self.similarity()
         points, labels = argmax_xy(sim)[None], np.array([1])
         self.last_points = points
@@ -384,7 +423,20 @@ class PerSAMF(PerSAM):
             )
             best = int(np.argmax(scores))
             mask, logits = masks[best], low[best : best + 1]
-        return self.result(image, mask, float(scores[best]), match)
+        return mask, float(scores[best])
+
+
+def zoom_window(mask: np.ndarray, margin: float) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)`` (end exclusive) of the mask's box grown by ``margin`` times its
+    width and height on each side, clipped to the image."""
+    ys, xs = np.nonzero(mask)
+    height, width = mask.shape
+    bw, bh = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+    x0 = max(0, int(np.floor(xs.min() - margin * bw)))
+    y0 = max(0, int(np.floor(ys.min() - margin * bh)))
+    x1 = min(width, int(np.ceil(xs.max() + 1 + margin * bw)))
+    y1 = min(height, int(np.ceil(ys.max() + 1 + margin * bh)))
+    return x0, y0, x1, y1
 
 
 def spread_peaks(

@@ -28,6 +28,7 @@ class MethodSettings:
     sam: str | None = None
     device: str = "cpu"
     min_match: float | None = None
+    zoom: bool | None = None
     backbone: str | None = None
     backbone_source: str | None = None
     iterations: int | None = None
@@ -48,6 +49,10 @@ class MethodSettings:
         kw: dict = {}
         if self.method in ("persam", "persam-f", "matcher") and self.min_match is not None:
             kw["min_match"] = self.min_match
+        if self.zoom:
+            if self.method not in ("persam", "persam-f"):
+                raise ConfigError("--zoom applies to --method persam and persam-f only")
+            kw["zoom"] = True
         if self.method == "persam-f" and self.iterations is not None:
             kw["iterations"] = self.iterations
         if self.method == "cav-sam":
