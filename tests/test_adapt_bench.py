@@ -60,3 +60,69 @@ def test_a_missed_bar_is_said_too():
             r["miou"] -= 2.0  # +2.0, +2.1, +2.2: above 0, below the bar
     lines = "\n".join(verdicts(result, "idd"))
     assert "bar (≥ +3) not met" in lines and "dpft + spl above dpft source only" in lines
+
+
+def test_adaptations_are_paired_with_the_replay_only_control_and_spl_with_its_own_run():
+    result = _result()
+    for seed in range(3):
+        base = next(r for r in result["rows"] if r["seed"] == seed and r["run"] == "dpft")
+        result["rows"] += [
+            _row("dpft", seed, "replay-only", base["miou"] + 3.0, 32.0),  # spl is +1.0, +1.1, +1.2
+            _row("dpft", seed, "selftrain", base["miou"] + 4.0, 32.0),  # spl is +0.0, +0.1, +0.2
+        ]
+    pairs = {label: d for label, d, _ in paired_rows(result, "idd")}
+    beyond = pairs["dpft + spl − dpft + replay-only"]
+    assert [round(x, 6) for x in beyond.diffs] == [1.0, 1.1, 1.2]
+    assert [round(x, 6) for x in pairs["dpft + spl − dpft + selftrain"].diffs] == [0.0, 0.1, 0.2]
+    assert "dpft + selftrain − dpft + replay-only" in pairs
+    # the control is not compared with spl twice, nor with itself
+    assert "dpft + spl − dpft + replay-only" in pairs and not any(
+        label.startswith("dpft + replay-only − dpft + replay-only") for label in pairs
+    )
+    assert "rein + tent − rein + replay-only" not in pairs  # rein has no control row
+    lines = "\n".join(verdicts(result, "idd"))
+    assert "dpft + spl − dpft + replay-only: +1.10" in lines
+
+
+def test_proxy_pairs_variants_by_seed_against_source_only_and_the_reference():
+    from bench.adapt_proxy import paired_lines, report
+
+    rows = []
+    for seed in range(3):
+        rows += [
+            dict(run="dpft", seed=seed, variant="source only", proxy=50.0 + seed, clean=57.0),
+            dict(run="dpft", seed=seed, variant="spl", method="spl", proxy=51.0 + seed, clean=57.5),
+            dict(
+                run="dpft",
+                seed=seed,
+                variant="tent",
+                method="tent",
+                proxy=52.0 + 1.1 * seed,
+                clean=58.0,
+            ),  # fmt: skip
+        ]
+    result = {"command": "c", "adapt_frames": 50, "score_frames": 51, "steps": 40,
+              "seeds": [0, 1, 2], "rows": rows}  # fmt: skip
+    lines = {line[1]: line for line in paired_lines(result)}
+    assert set(lines) == {"spl − source only", "tent − source only", "tent − spl"}
+    assert lines["spl − source only"][2] == "+1.00 [+1.00, +1.00]"
+    # tent − spl: +1.0, +1.1, +1.2 (sd 0.1): 1.1 ± 4.303 * 0.1 / sqrt(3)
+    assert lines["tent − spl"][2] == "+1.10 [+0.85, +1.35]" and lines["tent − spl"][4] == 3
+    assert "Paired by seed" in report(result) and "seeds 0, 1, 2" in report(result)
+
+
+def test_stream_rows_are_compared_with_streams_and_offline_with_offline():
+    result = _result()
+    for seed in range(3):
+        result["rows"] += [
+            _row("dpft", seed, "spl-stream", 41.0, 33.0),
+            _row("rein", seed, "tent-stream", 40.0, 33.0),
+        ]
+    labels = [label for label, _, _ in paired_rows(result, "idd")]
+    assert "dpft + spl-stream − dpft source only" in labels
+    assert "dpft + spl-stream − rein + tent-stream" in labels
+    assert "dpft + spl − rein + tent" in labels
+    assert "dpft + spl − rein + tent-stream" not in labels
+    assert "dpft + spl-stream − rein + tent" not in labels
+    lines = "\n".join(verdicts(result, "idd"))
+    assert "dpft + spl-stream − dpft source only" in lines and "bar (≥ +3) not met" in lines

@@ -22,7 +22,7 @@ from pivotseg.data.taxonomy import (
     unmapped_classes,
 )
 from pivotseg.errors import ConfigError, DataError
-from pivotseg.tasks.dgss.evaluate import _TaxonomyBridge, evaluate_datasets, open_eval_datasets
+from pivotseg.tasks.dgss.evaluate import TaxonomyBridge, evaluate_datasets, open_eval_datasets
 from tests.conftest import require_shared
 
 IDD = IDD_LEVEL1_CLASSES
@@ -183,7 +183,7 @@ def test_a_model_of_another_taxonomy_is_scored_on_idd(tmp_path, model_classes, h
 
 def test_unmappable_target_classes_are_named_on_one_line():
     with pytest.raises(ConfigError) as err:
-        _TaxonomyBridge(list(CAMVID_CLASSES), 11, ["crop", "weed"], "farm")
+        TaxonomyBridge(list(CAMVID_CLASSES), 11, ["crop", "weed"], "farm")
     assert "crop, weed" in str(err.value) and "\n" not in str(err.value)
     # An IDD-trained model on Cityscapes: only sky matches by name; the rest are named.
     with pytest.raises(ConfigError, match="maps to road, sidewalk, building") as err:

@@ -28,7 +28,9 @@ def register(subparsers) -> None:
             "source replay and ClassMix, and set pivots moved toward the target (a DPFT run "
             "trained with pivot_loss or presence_gating on: DPFT's default has no pivots); "
             "selftrain: the same without pivots (e.g. Rein, default DPFT); tent: entropy "
-            "minimisation of the normalisation layers; auto: the first the run allows."
+            "minimisation of the normalisation layers; auto: selftrain when the run's method "
+            "declares adaptable parameters, else tent (spl only when asked: its pivot parts "
+            "measured no effect, docs/methods.md)."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -68,18 +70,28 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--entropy-weight",
         type=float,
-        help="entropy term on the target pixels (default 1 with replay, 0 source-free; 0: off)",
+        help="entropy term on the target pixels (default 1; 0: off)",
+    )
+    group.add_argument(
+        "--target-weight",
+        type=float,
+        help="source replay: weight of the target terms (default 1); 0 with --no-class-mix is "
+        "the replay-only control (continued source training, no target signal)",
+    )
+    group.add_argument(
+        "--class-mix",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="source replay: ClassMix source classes onto the target crop (default on)",
     )
     group.add_argument(
         "--adapt-norms",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="the normalisation layers' affine parameters join the student, TENT's set "
-        "(default: on with replay, off source-free)",
+        "(default: on)",
     )
-    group.add_argument(
-        "--teacher-momentum", type=float, help="teacher EMA (default 0.9 replay, 0.99 source-free)"
-    )
+    group.add_argument("--teacher-momentum", type=float, help="teacher EMA (default 0.9)")
     group.add_argument(
         "--restore-prob", type=float, help="stochastic restore (default 0.01, 0 with replay)"
     )
@@ -100,6 +112,8 @@ SETTING_FLAGS = (
     "pseudo_threshold",
     "target_selection",
     "entropy_weight",
+    "target_weight",
+    "class_mix",
     "adapt_norms",
     "teacher_momentum",
     "restore_prob",

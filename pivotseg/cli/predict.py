@@ -62,7 +62,8 @@ def register(subparsers) -> None:
         "--adapt-method",
         choices=["auto", "spl", "selftrain", "tent"],
         default="auto",
-        help="with --adapt (default auto: spl for DPFT, selftrain for Rein, else tent)",
+        help="with --adapt (default auto: selftrain for DPFT and Rein, else tent; spl only "
+        "when asked)",
     )
     parser.add_argument("--backbone-source", help="where the pretrained backbone is now")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: GPU if present)")

@@ -5,7 +5,8 @@ The prediction of a frame is made before the step on that frame: the teacher's f
 prediction for ``spl``/``selftrain`` (as CoTTA scores), the forward that computes the entropy
 for ``tent`` (as TENT's ``forward_and_adapt``). Frames are segmented whole (no sliding window),
 at the size ``size_for`` gives, and the labels brought back to the frame's size. No label is
-read.
+read by the adaptation; :func:`evaluate_stream` scores the predictions of a labelled stream as
+they are made (CoTTA's protocol).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
 from pivotseg.data.transforms import resize_image, scaled_size
@@ -28,12 +30,14 @@ SizeFn = Callable[[int, int], tuple[int, int]]
 
 @dataclass
 class AdaptedFrame:
-    """One frame of the stream: its key, the image, the label map at its size, step stats."""
+    """One frame of the stream: its key, the image, the label map and the class probabilities
+    ``(K, H, W)`` at its size, the step's stats."""
 
     key: Hashable
     image: np.ndarray
     labels: np.ndarray
     stats: dict
+    probs: torch.Tensor
 
 
 def _batches(frames: Iterable, size: int) -> Iterator[list]:
@@ -91,7 +95,7 @@ def adapt_stream(
                     size = tuple(image.shape[:2])
                     if tuple(p.shape[-2:]) != size:
                         p = F.interpolate(p, size=size, mode="bilinear", align_corners=False)
-                    yield AdaptedFrame(key, image, p.argmax(1)[0].cpu().numpy(), stats)
+                    yield AdaptedFrame(key, image, p.argmax(1)[0].cpu().numpy(), stats, p[0])
     finally:
         adapter.finish()
 
@@ -106,3 +110,56 @@ def stream_labeller(settings: AdaptSettings | None = None, **overrides):
             yield frame.key, frame.image, frame.labels
 
     return labeller
+
+
+def evaluate_stream(
+    model: Segmenter,
+    dataset,
+    settings: AdaptSettings | None = None,
+    label: str = "stream",
+    **overrides,
+) -> dict:
+    """Online adaptation scored as it happens: the frames of ``dataset`` in its order are the
+    stream; each is predicted (before the step on it, :func:`adapt_stream`) and the prediction
+    is scored against its label, which the adaptation never sees.
+
+    Args:
+        model: the segmenter, adapted in place (it holds the teacher at the end).
+        dataset: a labelled dataset with evaluation transforms (images as the model should see
+            them; the label at its own size, logits resized to it as in evaluation).
+        settings, overrides: as for :func:`adapt_stream` (``method``, ``seed``...).
+        label: the dataset's name in error messages.
+
+    Returns:
+        ``{"miou", "acc", "macc", "iou", "classes", "frames"}`` in percent, as one target of
+        :func:`~pivotseg.tasks.dgss.evaluate.evaluate_datasets`; a model of another taxonomy is
+        scored through the same class bridge.
+    """
+    from pivotseg.evaluation import ConfusionMatrix
+    from pivotseg.tasks.dgss.evaluate import TaxonomyBridge, as_percent
+
+    classes = list(dataset.classes)
+    bridge = TaxonomyBridge(
+        getattr(model.config, "class_names", None), model.config.num_classes, classes, label
+    )
+    matrix = ConfusionMatrix(len(classes))
+    labels: dict[int, torch.Tensor] = {}
+
+    def frames():
+        for index in range(len(dataset)):
+            item = dataset[index]
+            labels[index] = item["label"]
+            image = item["image"].round().clamp(0, 255).to(torch.uint8)
+            yield index, image.permute(1, 2, 0).numpy()
+
+    keep = {"size_for": lambda h, w: (h, w)}  # the dataset's transform has sized the frames
+    for frame in adapt_stream(model, frames(), settings, **keep, **overrides):
+        truth = labels.pop(frame.key)[None].to(frame.probs.device)
+        logits = frame.probs[None].float().clamp_min(1e-12).log()
+        if logits.shape[-2:] != truth.shape[-2:]:
+            logits = F.interpolate(
+                logits, size=truth.shape[-2:], mode="bilinear", align_corners=False
+            )
+        logits, truth = bridge(logits, truth)
+        matrix.update(logits.argmax(1), truth)
+    return {**as_percent(matrix.compute()), "classes": classes, "frames": len(dataset)}

@@ -22,9 +22,9 @@ SOURCE_FREE_DEFAULTS = {
     "lr": 1e-4,
     "restore_prob": 0.01,
     "adapt_head": False,
-    "entropy_weight": 0.0,
-    "adapt_norms": False,
-    "teacher_momentum": 0.99,
+    "entropy_weight": 1.0,
+    "adapt_norms": True,
+    "teacher_momentum": 0.9,
 }
 REPLAY_DEFAULTS = {
     "lr": 1e-4,
@@ -45,8 +45,9 @@ class AdaptSettings:
             the target; a run trained with ``pivot_loss`` or ``presence_gating`` on, both off
             by default), ``selftrain`` (the same mean-teacher self-training, no pivots; any
             method that declares ``adaptable_parameters``), ``tent`` (entropy minimisation of
-            the normalisation layers' affine parameters), or ``auto`` (spl for runs with set
-            pivots, else selftrain when the method declares adaptable parameters, else tent).
+            the normalisation layers' affine parameters), or ``auto`` (selftrain when the method
+            declares adaptable parameters, else tent; never spl, whose pivot parts measured no
+            effect: docs/methods.md, "SPL mode").
         steps: optimiser steps (the budget); ``None``: one pass over the images.
         batch_size: images per step (different sizes are padded and the padding ignored); with
             source replay also the number of labelled source crops per step.
@@ -70,20 +71,25 @@ class AdaptSettings:
             as source-free self-training; they also move the pivots.
         entropy_weight: weight of an entropy term (TENT's loss) on the student's prediction of
             the target pixels, beside the pseudo-label loss: a signal on every pixel, where
-            confident pseudo-labels are few. 0 turns it off. None: 1 with source replay (the
-            proxy's choice), 0 source-free (not measured there).
+            confident pseudo-labels are few. 0 turns it off. None: 1 (the proxy's choice in
+            both modes).
+        target_weight: source replay: weight of every target term (the pseudo-label loss of
+            the target pixels and the entropy term). 0 with ``class_mix=False`` is the control
+            that separates adaptation from continued source training: the same steps on the
+            labelled source crops alone, no target signal (bench/adapt.py's ``replay-only``,
+            run as ``selftrain``: spl's pivot update is not weighted).
         adapt_norms: the affine parameters of every normalisation layer (TENT's set: the
             frozen backbone's included) join the student; the saved run carries them. None:
-            on with source replay (the proxy's choice), off source-free.
+            on (the proxy's choice in both modes).
         class_mix: source replay: ClassMix (half of the source crop's classes pasted onto the
             target crop with their source labels) plus colour jitter and blur on the student's
             input; off: the target crop and its pseudo-labels as they are.
-        teacher_momentum: EMA momentum of the mean teacher (None: the mode's default); 0.99
-            source-free gives it a memory of about 100 steps (CoTTA's 0.999 suits its 40 x 400
-            steps and, over 100 steps, barely moves the teacher: methods.md measured no
-            change); with source replay 0.9 (memory ~10 steps): at 0.99 the deployed teacher
-            of a 40-step budget still agreed with the source model on 98.6 % of the proxy's
-            pixels, and 0.9 doubled the proxy gain.
+        teacher_momentum: EMA momentum of the mean teacher (None: 0.9, a memory of ~10
+            steps, in both modes): at 0.99 the deployed teacher of a 40-step budget still
+            agreed with the source model on 98.6 % of the proxy's pixels (CoTTA's 0.999 suits
+            its 40 x 400 steps); with replay 0.9 doubled the proxy gain, and source-free the
+            earlier recipe (0.99, no entropy term, no norms) left the proxy unchanged (+0.0)
+            where 0.9 with the entropy term and the norms gained (docs/methods.md).
         restore_prob: per-element chance per step that a student parameter returns to its
             source value (CoTTA's stochastic restore; None: 0.01 source-free, 0 with source
             replay, whose source loss guards forgetting as in DAFormer).
@@ -116,6 +122,7 @@ class AdaptSettings:
     pseudo_threshold: float = 0.968
     target_selection: str = "quality"
     entropy_weight: float | None = None
+    target_weight: float = 1.0
     adapt_norms: bool | None = None
     class_mix: bool = True
     teacher_momentum: float | None = None
@@ -168,6 +175,8 @@ class AdaptSettings:
             )
         if self.entropy_weight is not None and self.entropy_weight < 0:
             raise ConfigError(f"entropy_weight={self.entropy_weight}: give 0 or more")
+        if self.target_weight < 0:
+            raise ConfigError(f"target_weight={self.target_weight}: give 0 or more")
         if self.pivot_min_tokens < 1:
             raise ConfigError(f"pivot_min_tokens={self.pivot_min_tokens}: give at least 1")
         if self.resize_short is not None and self.resize_short < 1:
@@ -191,6 +200,12 @@ class AdaptSettings:
     def resolved(self, replay: bool) -> AdaptSettings:
         """A copy with every None field set to its mode's default (``replay``: source replay
         on, i.e. offline self-training with a reachable source; else source-free)."""
+        if not replay and self.target_weight != 1.0:
+            raise ConfigError(
+                f"target_weight={self.target_weight} weighs the target against replayed source "
+                "data; source-free adaptation (tent, the stream, source_replay=False) has only "
+                "the target: leave it at 1"
+            )
         defaults = REPLAY_DEFAULTS if replay else SOURCE_FREE_DEFAULTS
         given = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         return AdaptSettings.with_overrides(self, source_replay=replay, **given)

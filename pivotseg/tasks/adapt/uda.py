@@ -101,6 +101,7 @@ class ReplayTrainer(SelfTrainer):
         else:  # every pixel, the image at DAFormer's weight q
             pseudo = torch.where(valid, pseudo, ignore)
             target_weight = quality[:, None, None].expand_as(conf)
+        target_weight = target_weight * s.target_weight
         moved = (
             move_pivots(tuning, tokens, sure, s.pivot_momentum, s.pivot_min_tokens)
             if self.pivots
@@ -158,8 +159,10 @@ class ReplayTrainer(SelfTrainer):
                     logits[n:], mixed_labels, mixed_weight, weight
                 ),
             }
-            if s.entropy_weight > 0:
-                terms["loss_entropy"] = s.entropy_weight * mean_entropy(logits[n:], target_pixels)
+            if s.entropy_weight * s.target_weight > 0:
+                terms["loss_entropy"] = (
+                    s.entropy_weight * s.target_weight * mean_entropy(logits[n:], target_pixels)
+                )
             if self.pivots:
                 # eval mode: the pivot loss without the training-time EMA of the pivots toward
                 # labelled features (move_pivots moved them toward the target instead)

@@ -67,7 +67,7 @@ def open_eval_datasets(
     return out
 
 
-class _TaxonomyBridge:
+class TaxonomyBridge:
     """Scores a model of ``model_classes`` on a dataset labelled with ``data_classes``."""
 
     def __init__(self, model_classes: list[str] | None, num_classes: int, data_classes, label):
@@ -140,7 +140,7 @@ def evaluate_datasets(
     results: dict[str, dict] = {}
     try:
         for label, dataset in datasets.items():
-            bridge = _TaxonomyBridge(model_classes, num_classes, dataset.classes, label)
+            bridge = TaxonomyBridge(model_classes, num_classes, dataset.classes, label)
             frames = list(range(len(dataset)))
             if eval_cfg.limit is not None:
                 frames = spread(frames, eval_cfg.limit)
@@ -171,7 +171,7 @@ def evaluate_datasets(
                 matrix.update(logits.argmax(1), labels)
             matrix.all_reduce()
             results[label] = {
-                **_percent(matrix.compute()),
+                **as_percent(matrix.compute()),
                 "classes": list(dataset.classes),
                 "frames": len(frames),
                 "limit": eval_cfg.limit,
@@ -198,7 +198,7 @@ def spread(items: list, count: int) -> list:
     return [items[i * len(items) // count] for i in range(count)]
 
 
-def _percent(metrics: dict) -> dict:
+def as_percent(metrics: dict) -> dict:
     """ConfusionMatrix results as percentages (the tables of DGSS papers)."""
 
     def pct(x):
