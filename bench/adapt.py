@@ -240,14 +240,6 @@ def _values(rows, target, run, adaptation, field) -> dict[int, float]:
     }
 
 
-def _fmt(d) -> str:
-    if d.n == 0:
-        return "–"
-    if d.n < 2:
-        return f"{d.mean:+.2f} (1 seed)"
-    return f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]"
-
-
 def _kind(adaptation: str) -> str:
     return "stream" if adaptation.endswith(STREAM) else "offline"
 
@@ -301,12 +293,12 @@ def verdicts(result: dict, target: str) -> list[str]:
         if ours and label.endswith(f"{HEADLINE} source only"):
             met = diff.n >= 2 and diff.mean >= 3 and not diff.contains_zero
             lines.append(
-                f"- {label}: {_fmt(diff)} mIoU; bar (≥ +3) {'met' if met else 'not met'}; "
-                f"{words}. Source val: {_fmt(val)} (bar: within 2 mIoU: "
+                f"- {label}: {diff.summary()} mIoU; bar (≥ +3) {'met' if met else 'not met'}; "
+                f"{words}. Source val: {val.summary()} (bar: within 2 mIoU: "
                 f"{'met' if val.n and abs(val.mean) <= 2 else 'not met'})."
             )
         else:
-            lines.append(f"- {label}: {_fmt(diff)} mIoU; {words}.")
+            lines.append(f"- {label}: {diff.summary()} mIoU; {words}.")
     return lines
 
 
@@ -348,7 +340,7 @@ def report(result: dict, proxies: list[dict] | dict | None = None) -> str:
         )  # fmt: skip
         paired = markdown_table(
             ["comparison", "target Δ mIoU [95 % CI]", "source val Δ [95 % CI]", "seeds"],
-            [[label, _fmt(d), _fmt(v), d.n] for label, d, v in paired_rows(result, target)],
+            [[label, d.summary(), v.summary(), d.n] for label, d, v in paired_rows(result, target)],
         )
         parts.append(
             f"### {target}: {TARGETS[target]}\n\n{frames.get('adapt', '?')} unlabelled frames "

@@ -205,16 +205,8 @@ def paired_lines(result: dict) -> list[list]:
                     paired_difference(values(variant, f), values(base, f))
                     for f in ("proxy", "clean")
                 )
-                lines.append([run, f"{variant} − {base}", _interval(d), _interval(c), d.n])
+                lines.append([run, f"{variant} − {base}", d.summary(), c.summary(), d.n])
     return lines
-
-
-def _interval(d) -> str:
-    if d.n == 0:
-        return ""
-    if d.n == 1:
-        return f"{d.mean:+.2f} (1 seed)"
-    return f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]"
 
 
 def report(result: dict) -> str:

@@ -53,3 +53,11 @@ def test_fewer_than_two_seeds_give_no_interval():
     none = paired_difference({0: 3.0}, {1: 1.0})
     assert none.n == 0 and math.isnan(none.mean)
     assert "no seed" in none.verdict("dpft", "rein")
+
+
+def test_summary_says_mean_and_interval_or_why_not():
+    assert paired_difference({}, {}).summary() == "–"
+    assert paired_difference({0: 2.0}, {0: 1.5}).summary() == "+0.50 (1 seed)"
+    # diffs 1, 2, 3: mean 2, sd 1, half-width t(0.975, 2) / sqrt(3) = 4.303 / 1.732 = 2.48
+    three = paired_difference({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 0.0, 2: 0.0})
+    assert three.summary() == "+2.00 [-0.48, +4.48]"

@@ -47,6 +47,14 @@ class PairedDifference:
         """True when the interval does not exclude 0 (or there is no interval)."""
         return self.n < 2 or not (self.low > 0 or self.high < 0)
 
+    def summary(self) -> str:
+        """``+1.23 [+0.45, +2.01]`` (mean and interval), ``+1.23 (1 seed)``, or ``–``."""
+        if self.n == 0:
+            return "–"
+        if self.n == 1:
+            return f"{self.mean:+.2f} (1 seed)"
+        return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
+
     def verdict(self, a: str, b: str) -> str:
         """What the comparison allows one to say, in words."""
         if self.n == 0:

@@ -136,7 +136,7 @@ def evaluate_stream(
         scored through the same class bridge.
     """
     from pivotseg.evaluation import ConfusionMatrix
-    from pivotseg.tasks.dgss.evaluate import TaxonomyBridge, as_percent
+    from pivotseg.tasks.dgss.evaluate import TaxonomyBridge, as_percent, score_into
 
     classes = list(dataset.classes)
     bridge = TaxonomyBridge(
@@ -155,11 +155,5 @@ def evaluate_stream(
     keep = {"size_for": lambda h, w: (h, w)}  # the dataset's transform has sized the frames
     for frame in adapt_stream(model, frames(), settings, **keep, **overrides):
         truth = labels.pop(frame.key)[None].to(frame.probs.device)
-        logits = frame.probs[None].float().clamp_min(1e-12).log()
-        if logits.shape[-2:] != truth.shape[-2:]:
-            logits = F.interpolate(
-                logits, size=truth.shape[-2:], mode="bilinear", align_corners=False
-            )
-        logits, truth = bridge(logits, truth)
-        matrix.update(logits.argmax(1), truth)
+        score_into(matrix, bridge, frame.probs[None].clamp_min(1e-12).log(), truth)
     return {**as_percent(matrix.compute()), "classes": classes, "frames": len(dataset)}

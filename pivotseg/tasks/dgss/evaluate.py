@@ -162,13 +162,7 @@ def evaluate_datasets(
                 labels = batch["label"].to(device)
                 with acc.autocast():
                     logits = infer_logits(model, images, eval_cfg)
-                logits = logits.float()
-                if logits.shape[-2:] != labels.shape[-2:]:
-                    logits = F.interpolate(
-                        logits, size=labels.shape[-2:], mode="bilinear", align_corners=False
-                    )
-                logits, labels = bridge(logits, labels)
-                matrix.update(logits.argmax(1), labels)
+                score_into(matrix, bridge, logits, labels)
             matrix.all_reduce()
             results[label] = {
                 **as_percent(matrix.compute()),
@@ -196,6 +190,16 @@ def spread(items: list, count: int) -> list:
     if len(items) <= count:
         return list(items)
     return [items[i * len(items) // count] for i in range(count)]
+
+
+def score_into(matrix, bridge: TaxonomyBridge, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Add one batch to ``matrix``: logits resized to the labels' own size (as mmseg does),
+    brought to the data's taxonomy, their argmax counted against the labels."""
+    logits = logits.float()
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    logits, labels = bridge(logits, labels)
+    matrix.update(logits.argmax(1), labels)
 
 
 def as_percent(metrics: dict) -> dict:
