@@ -2,7 +2,7 @@
 frames of shifted targets.
 
     python bench/adapt.py --run dpft=RUNS/dpft/seed{seed} --run rein=RUNS/rein/seed{seed} \
-        --seeds 0 1 2 --methods dpft=spl --methods rein=selftrain,tent \
+        --seeds 0 1 2 --methods dpft=selftrain --methods rein=selftrain,tent \
         --targets idd adverse [--steps 100] [--out runs/bench_adapt] --json FILE [--doc] \
         [--proxy-json FILE ...]
     python bench/adapt.py --from-json FILE [--proxy-json FILE] --doc   # re-render only
@@ -25,9 +25,13 @@ source-side proxy (bench/adapt_proxy.py) before any target number was seen; do n
 on this script's numbers. Rows are appended to ``--json`` as they finish and a rerun skips the
 rows already there, so an interrupted benchmark resumes.
 
+``spl``, ``selftrain`` and ``tent`` adapt with the defaults (source-free; the self-training
+with its multi-scale teacher); ``spl-replay`` and ``selftrain-replay`` also train on the run's
+labelled source data (DAFormer-style replay, the offline default before session 8).
 ``spl-stream``, ``selftrain-stream``, ``tent-stream`` are online rows: the held-out frames in
 order are the stream, each predicted before the model takes its (source-free) step on it, and
 those predictions are scored (CoTTA's protocol); then the final model is scored on source val.
+``selftrain-flip-stream`` is the stream with the teacher of the image and its flip only.
 
 ``replay-only`` is the control of the replay adaptations: the same steps on the run's labelled
 source crops with no target term (``target_weight=0``, no ClassMix), i.e. continued source
@@ -119,21 +123,32 @@ def _adverse_spec(run_cfg):
     )
 
 
-# Adaptation names of --methods and their adapt_run settings. ``replay-only`` is the control:
-# the same steps of source replay with no target term, i.e. continued source training (the
-# 300-iteration source runs are not converged, so extra source steps alone can move a target).
+# Adaptation names of --methods and their adapt_run settings: the defaults (source-free, the
+# multi-scale teacher), the same with source replay (DAFormer-style, the default before session
+# 8), and the replay control ``replay-only``: the same steps of source replay with no target term,
+# i.e. continued source training (the 300-iteration source runs are not converged, so extra
+# source steps alone can move a target).
 ADAPTATIONS = {
     "spl": {"method": "spl"},
     "selftrain": {"method": "selftrain"},
     "tent": {"method": "tent"},
-    "replay-only": {"method": "selftrain", "target_weight": 0.0, "class_mix": False},
+    "spl-replay": {"method": "spl", "source_replay": True},
+    "selftrain-replay": {"method": "selftrain", "source_replay": True},
+    "replay-only": {
+        "method": "selftrain",
+        "source_replay": True,
+        "target_weight": 0.0,
+        "class_mix": False,
+    },
 }
 CONTROL = "replay-only"
 HEADLINE = "dpft"  # the run whose adaptations the issue's bar is about
 # Online rows: the scored half itself is the stream, each frame predicted before the step on it
-# (pivotseg.tasks.adapt.evaluate_stream), source-free, one step per frame.
+# (pivotseg.tasks.adapt.evaluate_stream), source-free, one step per frame. ``selftrain-flip``:
+# the stream recipe before the multi-scale teacher (the image and its flip only).
 STREAM = "-stream"
 ADAPTATIONS.update({f"{m}{STREAM}": {"method": m} for m in ("spl", "selftrain", "tent")})
+ADAPTATIONS[f"selftrain-flip{STREAM}"] = {"method": "selftrain", "teacher_scales": [1.0]}
 
 
 def score(model, datasets) -> dict:
@@ -247,8 +262,9 @@ def _kind(adaptation: str) -> str:
 def paired_rows(result: dict, target: str) -> list[tuple[str, object, object]]:
     """``(comparison, target difference, source-val difference)`` for the report: every
     adaptation against its run's source only and against its run's replay-only control (the
-    gain beyond continued source training), spl against selftrain on the same run and mode (the
-    pivots' share), and DPFT's adaptations against the other runs' of the same kind."""
+    gain beyond continued source training), a source-free adaptation against the same with
+    source replay (``X`` against ``X-replay``), spl against selftrain on the same run and mode
+    (the pivots' share), and DPFT's adaptations against the other runs' of the same kind."""
     rows = result["rows"]
     present = sorted({(r["run"], r["adaptation"]) for r in rows if r["target"] == target})
     adapted = [(run, a) for run, a in present if a != "source only"]
@@ -258,10 +274,13 @@ def paired_rows(result: dict, target: str) -> list[tuple[str, object, object]]:
         for run, a in adapted
         if a != CONTROL and (run, CONTROL) in present
     ]
+    comparisons += [  # the default (source-free) against the same with source replay
+        ((run, a), (run, f"{a}-replay")) for run, a in adapted if (run, f"{a}-replay") in present
+    ]
     comparisons += [
         ((run, a), (run, a.replace("spl", "selftrain")))
         for run, a in adapted
-        if a in ("spl", f"spl{STREAM}") and (run, a.replace("spl", "selftrain")) in present
+        if a.startswith("spl") and (run, a.replace("spl", "selftrain")) in present
     ]
     comparisons += [
         ((run, a), other)
@@ -310,8 +329,9 @@ def report(result: dict, proxies: list[dict] | dict | None = None) -> str:
         f"order. {result['steps']} adaptation steps of batch 1 for every offline adaptation; "
         "`*-stream` rows are online: the held-out frames in order are the stream, each scored "
         "as predicted before the source-free step on it (one step per frame); `spl` and "
-        "`selftrain` replay the run's labelled source data (DAFormer-style, docs/methods.md "
-        '"SPL mode"), TENT is source-free by definition; `replay-only` is their control: the same '
+        "`selftrain` are source-free (the defaults: a teacher averaging scales 0.75/1/1.25 and "
+        "flips), `spl-replay` and `selftrain-replay` replay the run's labelled source data "
+        '(DAFormer-style, docs/methods.md "SPL mode"); `replay-only` is their control: the same '
         "steps on the labelled source crops with no target term (continued source training). "
         "Hyperparameters: `AdaptSettings` "
         "defaults, chosen on the source-side proxy below before any target number was seen; "
@@ -374,8 +394,7 @@ def main(argv=None) -> int:
         "--methods",
         action="append",
         metavar="NAME=M1,M2",
-        help="adaptations of run NAME (spl, selftrain, tent, replay-only, spl-stream, "
-        "selftrain-stream, tent-stream; default spl; NAME= for none)",
+        help=f"adaptations of run NAME ({', '.join(ADAPTATIONS)}; default spl; NAME= for none)",
     )
     parser.add_argument(
         "--val-every", type=int, default=3, help="score every Nth source val frame (default 3)"
@@ -402,6 +421,8 @@ def main(argv=None) -> int:
         if args.json and Path(args.json).is_file():
             result = json.loads(Path(args.json).read_text())
         command = "python bench/adapt.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        # a resumed or extended file keeps the commands that wrote its earlier rows
+        command = "; ".join(dict.fromkeys(filter(None, [result.get("command"), command])))
         result.update(
             command=command, machine=machine(), steps=args.steps, val_every=args.val_every,
             targets=list(dict.fromkeys(result.get("targets", []) + args.targets)),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import shutil
 import sys
@@ -102,9 +103,11 @@ def proxy_images(out: Path, seed: int = 0) -> tuple[list, list, Path]:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME:k=v,k=v`` -> ``(NAME, {k: v})``; values are JSON (``teacher_scales=[0.75,1]``:
+    commas inside brackets do not split)."""
     name, _, body = text.partition(":")
     settings = {}
-    for part in filter(None, body.split(",")):
+    for part in filter(None, re.split(r",(?![^\[]*\])", body)):
         key, value = part.split("=", 1)
         settings[key.strip()] = json.loads(value.lower() if value in ("True", "False") else value)
     return name.strip(), settings
@@ -160,10 +163,12 @@ def run_rows(args, result: dict) -> dict:
             for variant, settings in todo:
                 folder = out / f"{name}_seed{seed}_{variants.index((variant, settings))}"
                 shutil.rmtree(folder, ignore_errors=True)
+                # a variant may set its own budget (steps=N), e.g. to ask whether gains grow
+                steps = settings.get("steps", args.steps)
                 start = time.time()
                 adapt_run(
-                    run, images, folder, steps=args.steps, progress=False,
-                    **{"seed": seed, **settings},
+                    run, images, folder, progress=False,
+                    **{"steps": args.steps, "seed": seed, **settings},
                 )  # fmt: skip
                 seconds = time.time() - start
                 summary = json.loads((folder / "adapt.json").read_text())
@@ -177,7 +182,8 @@ def run_rows(args, result: dict) -> dict:
                         "method": summary["method"],
                         **score(adapted, clean, corrupt),
                         "resets": summary["resets"],
-                        "sec_per_frame": round(seconds / (args.steps or len(images)), 2),
+                        "steps": steps,
+                        "sec_per_frame": round(seconds / (steps or len(images)), 2),
                     }
                 )
     return result
@@ -241,7 +247,8 @@ def report(result: dict) -> str:
         f"Proxy (bench/adapt_proxy.py, `{result['command']}`): CamVid day val with JPEG / noise "
         f"/ colour-cast / low-resolution corruptions (none of the targets'), "
         f"{result['adapt_frames']} frames adapted on, {result['score_frames']} later frames "
-        f"scored corrupted (proxy) and clean; {result['steps']} steps, batch 1, "
+        f"scored corrupted (proxy) and clean; {result['steps']} steps (or a variant's own "
+        "`steps`), batch 1, "
         f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (each run's seed "
         "is also its adaptation's). Settings were chosen on this table only.\n\n" + table
     )

@@ -33,7 +33,6 @@ from pivotseg.tasks.adapt.selftrain import (
     SelfTrainer,
     move_pivots,
 )
-from pivotseg.tasks.adapt.uda import ReplayTrainer
 from pivotseg.tasks.dgss import evaluate, train
 from pivotseg.tuning.pivots import PivotBank
 from tests.helpers import TINY_HEAD_ARGS, TINY_METHOD_ARGS, record_image_opens, tiny_vit_config
@@ -342,7 +341,9 @@ def test_stream_predicts_each_frame_before_updating_on_it(world):
         p = torch.softmax(model(x), 1) + torch.softmax(model(x.flip(-1)), 1).flip(-1)
     expected = p.argmax(1)[0].numpy()
     before = tensors(model)
-    preds = [f.labels for f in adapt_stream(model, enumerate(frames), lr=1e-2, **LOOSE)]
+    # the teacher of the image and its flip (its multi-scale default: the teacher_scales test)
+    stream = adapt_stream(model, enumerate(frames), lr=1e-2, teacher_scales=[1], **LOOSE)
+    preds = [f.labels for f in stream]
     assert len(preds) == 4 and preds[0].shape == frames[0].shape[:2]
     assert np.array_equal(preds[0], expected)
     assert changed_names(before, tensors(model))  # the deployed teacher moved
@@ -434,7 +435,7 @@ def test_cli_prints_one_line_for_bad_input(world, tmp_path, capsys):
 def test_interrupted_adaptation_leaves_nothing_half_written(world, tmp_path, monkeypatch, error):
     run = world["runs"]["dpft"]
     before = digest(run)
-    real_step = ReplayTrainer.step  # offline self-training replays the source by default
+    real_step = SelfTrainer.step  # offline self-training is source-free by default
     calls = []
 
     def failing_step(self, images, valid):
@@ -443,7 +444,7 @@ def test_interrupted_adaptation_leaves_nothing_half_written(world, tmp_path, mon
             raise error
         return real_step(self, images, valid)
 
-    monkeypatch.setattr(ReplayTrainer, "step", failing_step)
+    monkeypatch.setattr(SelfTrainer, "step", failing_step)
     with pytest.raises(type(error)):
         adapt_run(run, world["target"], tmp_path / "new", steps=3, progress=False)
     assert len(calls) == 2
@@ -468,3 +469,32 @@ def test_cli_adapts_into_a_new_run(world, tmp_path, capsys):
     assert code == 0
     assert f"with tent on 4 images (2 steps, 0 resets) -> {out}" in capsys.readouterr().out
     assert json.loads((out / "adapt.json").read_text())["settings"]["steps"] == 2
+
+
+def test_teacher_scales_average_the_flipped_views_at_each_scale(world):
+    model = load(world["runs"]["rein"])
+    images, valid = _batch(world)  # 40 x 48
+    seen = []
+    forward = model.forward
+
+    def recording(x):
+        seen.append(tuple(x.shape[-2:]))
+        return forward(x)
+
+    model.forward = recording
+    trainer = SelfTrainer(model, AdaptSettings(teacher_scales=[1, 2], **LOOSE), pivots=False)
+    probs, plain, _, _ = trainer._predict(images)
+    # teacher at 1 (plain, flip), source at 1 for the drift guard, teacher at 2 (plain, flip)
+    assert sorted(seen) == [(40, 48), (40, 48), (40, 48), (80, 96), (80, 96)]
+    with torch.no_grad():
+        large = torch.nn.functional.interpolate(images, scale_factor=2.0, mode="bilinear")
+        views = [forward(images), forward(images.flip(-1)).flip(-1)]
+        views += [forward(large), forward(large.flip(-1)).flip(-1)]
+        by_hand = [
+            torch.nn.functional.interpolate(v.softmax(1), size=(40, 48), mode="bilinear")
+            for v in views
+        ]
+    assert torch.allclose(probs, torch.stack(by_hand).mean(0), atol=1e-6)
+    assert torch.allclose(plain, by_hand[0], atol=1e-6)
+    with pytest.raises(ConfigError, match="1 among them"):
+        AdaptSettings(teacher_scales=[0.75, 1.25])

@@ -126,3 +126,47 @@ def test_stream_rows_are_compared_with_streams_and_offline_with_offline():
     assert "dpft + spl-stream − rein + tent" not in labels
     lines = "\n".join(verdicts(result, "idd"))
     assert "dpft + spl-stream − dpft source only" in lines and "bar (≥ +3) not met" in lines
+
+
+def test_pivot_similarity_scores_each_token_against_the_valid_pivots_only():
+    import torch
+
+    from bench.pivot_classifier import pivot_similarity
+
+    class Tuning:  # the one method pivot_similarity reads: the last forward's pivot tokens
+        def cached_pivot_tokens(self):
+            # a 1x2 token grid of width 2: the first token along x, the second along y
+            return {2: (torch.tensor([[[3.0, 0.0], [0.0, 0.5]]]), (1, 2), 0)}
+
+    pivots = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    sim = pivot_similarity(Tuning(), (1, 2), {2: (pivots, torch.tensor([True, True, True]))})
+    root_half = 2**-0.5
+    expected = [[[1.0, 0.0]], [[0.0, 1.0]], [[root_half, root_half]]]  # cosine, not dot
+    assert torch.allclose(sim[0], torch.tensor(expected), atol=1e-6)
+    # an invalid pivot scores -1, so no token is given its class
+    sim = pivot_similarity(Tuning(), (1, 2), {2: (pivots, torch.tensor([True, False, True]))})
+    assert sim[0, 1].tolist() == [[-1.0, -1.0]] and sim[0].argmax(0).tolist() == [[0, 2]]
+
+
+def test_replay_rows_pair_spl_with_selftrain_of_the_same_mode():
+    from bench.adapt import ADAPTATIONS
+
+    assert ADAPTATIONS["selftrain-replay"]["source_replay"] is True
+    assert "source_replay" not in ADAPTATIONS["selftrain"]  # the default: source-free
+    result = _result()
+    for seed in range(3):
+        result["rows"] += [
+            _row("dpft", seed, "spl-replay", 45.0, 33.0),
+            _row("dpft", seed, "selftrain-replay", 44.5 + 0.1 * seed, 33.0),
+            _row("dpft", seed, "selftrain", 44.0, 33.0),
+        ]
+    pairs = {label: d for label, d, _ in paired_rows(result, "idd")}
+    diffs = pairs["dpft + spl-replay − dpft + selftrain-replay"].diffs
+    assert [round(x, 6) for x in diffs] == [0.5, 0.4, 0.3]
+    assert "dpft + spl-replay − dpft + selftrain" not in pairs  # not across modes
+    # the default (source-free) against the same with replay, on the same run
+    assert [round(x, 6) for x in pairs["dpft + selftrain − dpft + selftrain-replay"].diffs] == [
+        -0.5,
+        -0.6,
+        -0.7,
+    ]

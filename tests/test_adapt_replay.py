@@ -42,7 +42,8 @@ def test_replay_trains_declared_parameters_and_head_and_reads_no_target_label(
     head = {f"head.{n}" for n, _ in source.head.named_parameters()}
     norms = {n for n, _ in norm_affine_parameters(source)}  # TENT's set, on with replay
     opened = record_image_opens(monkeypatch)
-    out = adapt_run(run, world["target"], tmp_path / "new", steps=3, progress=False, method="spl")
+    out = adapt_run(run, world["target"], tmp_path / "new", steps=3, progress=False, method="spl",
+                    source_replay=True)  # fmt: skip
     monkeypatch.undo()
 
     targets = {p.resolve() for p in world["target"].iterdir()}
@@ -54,7 +55,7 @@ def test_replay_trains_declared_parameters_and_head_and_reads_no_target_label(
     adapted = load(out)
     changed = changed_names(tensors(source), tensors(adapted))
     params = {n for n, _ in adapted.named_parameters()}
-    assert changed & head and changed & declared  # the head joins the student by default
+    assert changed & head and changed & declared  # the head joins the student with replay
     assert changed & params <= declared | head | norms
     # of the backbone only its normalisation layers' affine parameters move
     assert {n for n in changed if n.startswith("backbone.")} <= norms
@@ -64,7 +65,7 @@ def test_replay_trains_declared_parameters_and_head_and_reads_no_target_label(
     settings = summary["settings"]
     assert settings["adapt_head"] is True and settings["restore_prob"] == 0.0
     assert settings["adapt_norms"] is True and settings["entropy_weight"] == 1.0
-    assert settings["teacher_momentum"] == 0.9
+    assert settings["teacher_momentum"] == 0.9 and settings["teacher_scales"] == [1.0]
     assert set(summary["adapted_parameters"]) == declared | head | norms
     records = read_metrics(out)
     assert [r["iter"] for r in records] == [1, 2, 3]
@@ -76,21 +77,25 @@ def test_pseudo_label_weight_is_the_share_of_confident_pixels(world, tmp_path):
     run = world["runs"]["rein"]
     # tau = 1: no pixel is confident, so q = 0 and no pseudo-label counts anywhere
     none = adapt_run(run, world["target"], tmp_path / "a", steps=2, progress=False,
-                     pseudo_threshold=1.0, class_mix=False)  # fmt: skip
+                     pseudo_threshold=1.0, class_mix=False, source_replay=True)  # fmt: skip
     records = read_metrics(none)
     assert all(r["pseudo_quality"] == 0.0 and r["loss_target"] == 0.0 for r in records)
     assert all(sum(r["coverage_per_class"]) == 0.0 for r in records)
     # tau = 0: every pixel is (a softmax maximum is above 0)
     every = adapt_run(run, world["target"], tmp_path / "b", steps=2, progress=False,
-                      pseudo_threshold=0.0, class_mix=False)  # fmt: skip
+                      pseudo_threshold=0.0, class_mix=False, source_replay=True)  # fmt: skip
     assert all(r["pseudo_quality"] == 1.0 for r in read_metrics(every))
 
 
-def test_source_free_offline_keeps_the_head_and_the_source_free_defaults(world, tmp_path):
+def test_source_free_offline_is_the_default_and_keeps_the_head(world, tmp_path, monkeypatch):
     run = world["runs"]["rein"]
     source = load(run)
+    opened = record_image_opens(monkeypatch)
     out = adapt_run(run, world["target"], tmp_path / "n", steps=2, progress=False,
-                    source_replay=False, confidence_floor=0.0)  # fmt: skip
+                    confidence_floor=0.0)  # fmt: skip
+    monkeypatch.undo()
+    src = world["src"].resolve()
+    assert opened and not [p for p in opened if src in p.parents]  # no source image read
     changed = changed_names(tensors(source), tensors(load(out)))
     norms = {n for n, _ in norm_affine_parameters(source)}
     # the head is not in the student source-free: only its normalisation layers (TENT's set) move
@@ -103,6 +108,8 @@ def test_source_free_offline_keeps_the_head_and_the_source_free_defaults(world, 
     assert {n for n in changed if n.startswith("backbone.")} <= norms
     assert summary["settings"]["entropy_weight"] == 1.0 and summary["settings"]["adapt_norms"]
     assert summary["settings"]["teacher_momentum"] == 0.9
+    assert summary["settings"]["teacher_scales"] == [0.75, 1.0, 1.25]
+    assert summary["settings"]["source_replay"] is False
 
 
 def test_online_adaptation_never_replays_the_source(world):
@@ -130,17 +137,19 @@ def test_unreachable_source_is_one_line_naming_the_path_and_the_switch(world, tm
     missing = tmp_path / "gone"
     run = _moved_source(world, tmp_path, missing)
     with pytest.raises(DataError) as err:
-        adapt_run(run, world["target"], tmp_path / "out", steps=1, progress=False)
+        adapt_run(run, world["target"], tmp_path / "out", steps=1, progress=False,
+                  source_replay=True)  # fmt: skip
     message = str(err.value)
     assert str(missing) in message and "--no-source-replay" in message and "\n" not in message
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.adapting-*"))
     code = main(["adapt", str(run), "--images", str(world["target"]), "--out",
-                 str(tmp_path / "o2"), "--steps", "1"])  # fmt: skip
+                 str(tmp_path / "o2"), "--steps", "1", "--source-replay"])  # fmt: skip
     err_text = capsys.readouterr().err.strip()
     assert code == 2 and err_text.startswith("pivotseg: error:") and "\n" not in err_text
+    # source-free by default: the unreachable source is never looked for
     code = main(["adapt", str(run), "--images", str(world["target"]), "--out",
-                 str(tmp_path / "o3"), "--steps", "1", "--no-source-replay"])  # fmt: skip
+                 str(tmp_path / "o3"), "--steps", "1"])  # fmt: skip
     assert code == 0
     assert json.loads((tmp_path / "o3" / "adapt.json").read_text())["source_replay"] is None
 
@@ -205,7 +214,9 @@ def test_settings_resolve_by_mode():
     s = AdaptSettings()
     assert s.resolved(True).adapt_head is True and s.resolved(False).adapt_head is False
     assert AdaptSettings(lr=3e-3).resolved(True).lr == 3e-3  # a given value wins
-    assert s.resolved(False).source_replay is False
+    assert s.resolved(False).source_replay is False and s.source_replay is False
+    assert s.resolved(False).teacher_scales == (0.75, 1.0, 1.25)
+    assert s.resolved(True).teacher_scales == (1.0,)
 
 
 def test_class_balanced_selection_labels_the_share_its_class_thresholds_pass(world, tmp_path):
@@ -213,18 +224,18 @@ def test_class_balanced_selection_labels_the_share_its_class_thresholds_pass(wor
     # fraction 1 and floor 0: every pixel passes its class's threshold (the minimum)
     every = adapt_run(run, world["target"], tmp_path / "a", steps=2, progress=False,
                       target_selection="class_balanced", class_fraction=1.0,
-                      confidence_floor=0.0, class_mix=False)  # fmt: skip
+                      confidence_floor=0.0, class_mix=False, source_replay=True)  # fmt: skip
     assert all(r["pseudo_quality"] == 1.0 for r in read_metrics(every))
     # floor 1: no pixel is above it, so the target term has nothing to learn from
     none = adapt_run(run, world["target"], tmp_path / "b", steps=2, progress=False,
                      target_selection="class_balanced", confidence_floor=1.0,
-                     class_mix=False)  # fmt: skip
+                     class_mix=False, source_replay=True)  # fmt: skip
     records = read_metrics(none)
     assert all(r["pseudo_quality"] == 0.0 and r["loss_target"] == 0.0 for r in records)
     # half per class: about half the pixels (ties and the EMA of thresholds aside)
     half = adapt_run(run, world["target"], tmp_path / "c", steps=1, progress=False,
                      target_selection="class_balanced", class_fraction=0.5,
-                     confidence_floor=0.0, class_mix=False)  # fmt: skip
+                     confidence_floor=0.0, class_mix=False, source_replay=True)  # fmt: skip
     assert 0.3 < read_metrics(half)[0]["pseudo_quality"] <= 0.7
 
 
@@ -280,7 +291,8 @@ def test_target_weight_zero_is_source_training_alone(world, tmp_path):
     other.mkdir()
     for path in sorted(world["target"].iterdir()):  # the same sizes, other content
         Image.fromarray(255 - np.array(Image.open(path).convert("RGB"))).save(other / path.name)
-    control = dict(steps=3, progress=False, target_weight=0.0, class_mix=False, method="selftrain")
+    control = dict(steps=3, progress=False, target_weight=0.0, class_mix=False, method="selftrain",
+                   source_replay=True)  # fmt: skip
     a = adapt_run(run, world["target"], tmp_path / "a", **control)
     b = adapt_run(run, other, tmp_path / "b", **control)
     assert all(r["loss_target"] == 0.0 and "loss_entropy" not in r for r in read_metrics(a))
@@ -296,7 +308,8 @@ def test_cli_runs_the_replay_only_control_and_refuses_it_source_free(world, tmp_
     run = str(world["runs"]["rein"])
     out = tmp_path / "control"
     args = ["adapt", run, "--images", str(world["target"]), "--out", str(out), "--steps", "1"]
-    assert main([*args, "--method", "selftrain", "--target-weight", "0", "--no-class-mix"]) == 0
+    assert main([*args, "--method", "selftrain", "--source-replay", "--target-weight", "0",
+                 "--no-class-mix"]) == 0  # fmt: skip
     settings = json.loads((out / "adapt.json").read_text())["settings"]
     assert settings["target_weight"] == 0.0 and settings["class_mix"] is False
     code = main(["adapt", run, "--images", str(world["target"]), "--out", str(tmp_path / "sf"),
@@ -304,3 +317,15 @@ def test_cli_runs_the_replay_only_control_and_refuses_it_source_free(world, tmp_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "target_weight" in err and "source-free" in err
     assert not (tmp_path / "sf").exists()
+
+
+def test_cli_takes_teacher_scales_and_refuses_them_without_1(world, tmp_path, capsys):
+    run = str(world["runs"]["rein"])
+    base = ["adapt", run, "--images", str(world["target"]), "--steps", "1"]
+    out = tmp_path / "ms"
+    assert main([*base, "--out", str(out), "--teacher-scales", "1", "2"]) == 0
+    assert json.loads((out / "adapt.json").read_text())["settings"]["teacher_scales"] == [1.0, 2.0]
+    code = main([*base, "--out", str(tmp_path / "bad"), "--teacher-scales", "0.5", "2"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "teacher_scales=[0.5, 2.0]" in err and "1 among them" in err
+    assert not (tmp_path / "bad").exists()

@@ -9,8 +9,8 @@ examples:
   pivotseg adapt runs/dpft --images /data/target_frames --out runs/dpft_adapted
   pivotseg adapt runs/rein --images /data/target_frames --out runs/rein_tent --method tent
   pivotseg eval runs/dpft_adapted --data tgt=/data/target:cityscapes:val   # as any run
-No target label is read (spl/selftrain replay the run's own labelled source data unless
---no-source-replay); the source run is only read; NEW_RUN appears only when adaptation finished.
+No target label is read (with --source-replay, spl/selftrain also train on the run's own
+labelled source data); the source run is only read; NEW_RUN appears only when adaptation finished.
 """
 
 
@@ -24,8 +24,9 @@ def register(subparsers) -> None:
         help="adapt a trained run to unlabelled target images (SPL mode, TENT)",
         description=(
             "Adapt a run to a folder of unlabelled target images and save the result as a new "
-            "run. spl: DPFT's dynamic parts (and the head) by mean-teacher self-training with "
-            "source replay and ClassMix, and set pivots moved toward the target (a DPFT run "
+            "run. spl: DPFT's dynamic parts and the normalisation layers by mean-teacher "
+            "self-training against a multi-scale teacher (with --source-replay: also the head, "
+            "on labelled source crops and ClassMix), and set pivots moved toward the target (a DPFT run "
             "trained with pivot_loss or presence_gating on: DPFT's default has no pivots); "
             "selftrain: the same without pivots (e.g. Rein, default DPFT); tent: entropy "
             "minimisation of the normalisation layers; auto: selftrain when the run's method "
@@ -51,12 +52,12 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--steps", type=int, help="optimiser steps (default: one pass)")
     group.add_argument("--batch-size", type=int, help="images per step (default 1)")
     group.add_argument(
-        "--no-source-replay",
-        dest="source_replay",
-        action="store_false",
+        "--source-replay",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="spl/selftrain: do not also train on the run's labelled source data (data.source "
-        "of its config.yaml); the default replays it, DAFormer-style",
+        help="spl/selftrain: also train on the run's labelled source data (data.source of its "
+        "config.yaml) with ClassMix, DAFormer-style (default: off, source-free; the proxy "
+        "chose it, docs/methods.md)",
     )
     group.add_argument("--lr", type=float, help="Adam learning rate (default: docs/methods.md)")
     group.add_argument(
@@ -93,6 +94,14 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--teacher-momentum", type=float, help="teacher EMA (default 0.9)")
     group.add_argument(
+        "--teacher-scales",
+        type=float,
+        nargs="+",
+        metavar="S",
+        help="scales the teacher's pseudo-labels average, each with its flip; 1 among them "
+        "(default: 1 only)",
+    )
+    group.add_argument(
         "--restore-prob", type=float, help="stochastic restore (default 0.01, 0 with replay)"
     )
     group.add_argument(
@@ -116,6 +125,7 @@ SETTING_FLAGS = (
     "class_mix",
     "adapt_norms",
     "teacher_momentum",
+    "teacher_scales",
     "restore_prob",
     "class_fraction",
     "confidence_floor",

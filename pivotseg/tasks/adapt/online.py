@@ -1,8 +1,8 @@
 """Online adaptation while predicting: each frame (or small batch) is predicted, then the model
 takes one adaptation step on it, so a model deployed on a stream follows its conditions.
 
-The prediction of a frame is made before the step on that frame: the teacher's flip-averaged
-prediction for ``spl``/``selftrain`` (as CoTTA scores), the forward that computes the entropy
+The prediction of a frame is made before the step on that frame: the teacher's prediction
+averaged over flips and ``teacher_scales`` for ``spl``/``selftrain`` (as CoTTA scores), the forward that computes the entropy
 for ``tent`` (as TENT's ``forward_and_adapt``). Frames are segmented whole (no sliding window),
 at the size ``size_for`` gives, and the labels brought back to the frame's size. No label is
 read by the adaptation; :func:`evaluate_stream` scores the predictions of a labelled stream as

@@ -2,7 +2,8 @@
 
 One step on a batch (``spl`` = all of it; ``selftrain`` = without the pivot parts):
 
-1. the teacher predicts the batch and its horizontal flip; the averaged softmax gives the
+1. the teacher predicts the batch and its horizontal flip (and, with ``teacher_scales``, the
+   batch resized by each scale and its flip); the averaged softmax gives the
    pseudo-labels and the prediction that is returned (CoTTA scores the teacher before the
    update); DPFT caches the pivot-block tokens of the unflipped view;
 2. the source model predicts the batch once more (for the drift guard);
@@ -215,17 +216,18 @@ class SelfTrainer:
 
     @torch.no_grad()
     def _predict(self, images: torch.Tensor):
-        """``(teacher probabilities averaged with the flip, the teacher's unflipped ones, DPFT's
-        pivot-block tokens of that view (spl), the source model's probabilities)``."""
+        """``(teacher probabilities averaged over the flip and the teacher scales, the
+        teacher's plain ones (scale 1, unflipped), DPFT's pivot-block tokens of that view (spl),
+        the source model's probabilities)``."""
         model, tuning = self.model, self.model.tuning
         model.eval()
         with self.teacher.as_teacher():
             plain = F.softmax(model(images).float(), dim=1)
             tokens = tuning.cached_pivot_tokens() if self.pivots else {}
-            flipped = F.softmax(model(images.flip(-1)).float(), dim=1).flip(-1)
+            probs = augmented_probs(model, images, self.settings.teacher_scales, plain)
         with self.teacher.as_source():
             source = F.softmax(model(images).float(), dim=1)
-        return (plain + flipped) / 2, plain, tokens, source
+        return probs, plain, tokens, source
 
     def _optimise(self, losses) -> dict:
         """One Adam step of the student on the sum of ``losses()``, then the teacher's EMA;
@@ -283,6 +285,34 @@ class SelfTrainer:
     def finish(self) -> None:
         """Leave the teacher (what is deployed) in the model."""
         self.teacher.deploy()
+
+
+@torch.no_grad()
+def augmented_probs(
+    model: Segmenter,
+    images: torch.Tensor,
+    scales=(1.0,),
+    plain: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax of ``model`` averaged over ``images`` and their horizontal flip at every scale
+    (bilinear resize; each view brought back to the plain prediction's grid): the teacher's
+    prediction. ``plain``: the softmax of the unresized, unflipped images if already computed.
+    """
+    if plain is None:
+        plain = F.softmax(model(images).float(), dim=1)
+    size = plain.shape[-2:]
+    views = [plain]
+    for scale in scales:
+        x = images
+        if scale != 1.0:
+            x = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+        for flip in (False, True) if scale != 1.0 else (True,):
+            probs = F.softmax(model(x.flip(-1) if flip else x).float(), dim=1)
+            probs = probs.flip(-1) if flip else probs
+            if tuple(probs.shape[-2:]) != tuple(size):
+                probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+            views.append(probs)
+    return torch.stack(views).mean(0)
 
 
 def _coverage(labels: torch.Tensor, valid: torch.Tensor, num_classes: int) -> list[float]:

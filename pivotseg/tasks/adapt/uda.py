@@ -2,7 +2,8 @@
 
 One step (``spl``; ``selftrain`` = without the pivot parts):
 
-1. the teacher (EMA of the student) predicts a target crop and its flip; the averaged softmax
+1. the teacher (EMA of the student) predicts a target crop and its flip (and the crop at each
+   other ``teacher_scales``, default none with replay); the averaged softmax
    gives pseudo-labels on every pixel and the confidence ``c``; the crop's pseudo-label weight
    is ``q`` = share of its pixels with ``c > tau`` (DAFormer's quality estimate); with
    ``target_selection="class_balanced"`` only the pixels above their class's CBST threshold
