@@ -63,8 +63,9 @@ from pivotseg.engine.checkpoint import find_run_config, resolve_model_folder
 from pivotseg.evaluation.paired import paired_difference
 from pivotseg.paths import shared_path
 from pivotseg.segmenter import load_segmenter
-from pivotseg.tasks.adapt import adapt_run, evaluate_stream
-from pivotseg.tasks.dgss.evaluate import evaluate_datasets
+from pivotseg.tasks.adapt import AdaptSettings, adapt_run, evaluate_stream
+from pivotseg.tasks.adapt.selftrain import augmented_probs
+from pivotseg.tasks.dgss.evaluate import TaxonomyBridge, as_percent, evaluate_datasets, score_into
 
 ROOT = check_checkout(__file__)
 
@@ -149,6 +150,10 @@ HEADLINE = "dpft"  # the run whose adaptations the issue's bar is about
 STREAM = "-stream"
 ADAPTATIONS.update({f"{m}{STREAM}": {"method": m} for m in ("spl", "selftrain", "tent")})
 ADAPTATIONS[f"selftrain-flip{STREAM}"] = {"method": "selftrain", "teacher_scales": [1.0]}
+# The source model predicting as the stream's teacher does (flips at the default source-free
+# teacher_scales), never adapted: a self-training stream's prediction is that average, so this
+# row, not plain source only, separates its adaptation from its test-time augmentation.
+TTA = "source TTA"
 
 
 def score(model, datasets) -> dict:
@@ -182,7 +187,7 @@ def run_rows(args, result: dict) -> dict:
                 run = pattern.format(seed=seed)
                 wanted = [] if args.no_source_only else ["source only"]
                 wanted += [m for m in methods.get(name, "spl").split(",") if m]
-                unknown = [m for m in wanted[1:] if m not in ADAPTATIONS]
+                unknown = [m for m in wanted[1:] if m not in ADAPTATIONS and m != TTA]
                 if unknown:
                     sys.exit(f"--methods {name}={','.join(unknown)}: use {', '.join(ADAPTATIONS)}")
                 todo = [m for m in wanted if (target, name, seed, m) not in done]
@@ -193,6 +198,8 @@ def run_rows(args, result: dict) -> dict:
                     row = {"target": target, "run": name, "seed": seed, "adaptation": method}
                     if method == "source only":
                         row.update(score(model, datasets))
+                    elif method == TTA:
+                        row.update(_tta_score(model, datasets))
                     elif method.endswith(STREAM):
                         row.update(_stream_and_score(run, row, datasets))
                     else:
@@ -224,6 +231,32 @@ def _adapt_and_score(run, images, out, row, short, args, datasets) -> dict:
         "resets": summary["resets"],
         "adapted_params": summary["adapted_parameter_count"],
         "sec_per_frame": round(seconds / (steps * summary["settings"]["batch_size"]), 2),
+    }
+
+
+def _tta_score(model, datasets) -> dict:
+    """The target scored with the stream teacher's augmentation of the source model (no step),
+    and source val as source only scores it."""
+    from pivotseg.evaluation import ConfusionMatrix
+
+    scales = AdaptSettings().resolved(replay=False).teacher_scales
+    target = datasets["target"]
+    classes = getattr(model.config, "class_names", None)
+    bridge = TaxonomyBridge(classes, model.config.num_classes, target.classes, "target")
+    matrix = ConfusionMatrix(len(target.classes))
+    model.eval()
+    for index in range(len(target)):
+        item = target[index]
+        probs = augmented_probs(model, item["image"][None].float(), scales)
+        score_into(matrix, bridge, probs.clamp_min(1e-12).log(), item["label"][None])
+    val = evaluate_datasets(
+        model, {"source_val": datasets["source_val"]}, EvalConfig(mode="whole"),
+        val_name="source_val",
+    )  # fmt: skip
+    return {
+        "miou": as_percent(matrix.compute())["miou"],
+        "source_val": val["val"]["miou"],
+        "teacher_scales": list(scales),
     }
 
 
@@ -267,8 +300,14 @@ def paired_rows(result: dict, target: str) -> list[tuple[str, object, object]]:
     (the pivots' share), and DPFT's adaptations against the other runs' of the same kind."""
     rows = result["rows"]
     present = sorted({(r["run"], r["adaptation"]) for r in rows if r["target"] == target})
-    adapted = [(run, a) for run, a in present if a != "source only"]
+    adapted = [(run, a) for run, a in present if a not in ("source only", TTA)]
     comparisons = [((run, a), (run, "source only")) for run, a in adapted]
+    comparisons += [  # a self-training stream against the source with its teacher's TTA
+        ((run, a), (run, TTA))
+        for run, a in adapted
+        if a.endswith(STREAM) and not a.startswith("tent") and (run, TTA) in present
+    ]
+    comparisons += [((run, TTA), (run, "source only")) for run, a in present if a == TTA]
     comparisons += [
         ((run, a), (run, CONTROL))
         for run, a in adapted
@@ -295,7 +334,9 @@ def paired_rows(result: dict, target: str) -> list[tuple[str, object, object]]:
             paired_difference(_values(rows, target, run, a, f), _values(rows, target, other, b, f))
             for f in ("miou", "source_val")
         ]
-        pairs.append((f"{run} + {a} − {other}{'' if b == 'source only' else ' +'} {b}", *diffs))
+        first = f"{run} {a}" if a == TTA else f"{run} + {a}"
+        second = f"{other} {b}" if b in ("source only", TTA) else f"{other} + {b}"
+        pairs.append((f"{first} − {second}", *diffs))
     return pairs
 
 

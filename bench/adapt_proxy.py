@@ -31,16 +31,13 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from pivotseg.benchmarking import check_checkout
+from pivotseg.benchmarking.proxy import proxy_images
 from pivotseg.benchmarking.report import machine, markdown_table
 from pivotseg.config import EvalConfig
 from pivotseg.data import build_dataset
-from pivotseg.data.io import read_image
 from pivotseg.data.transforms import eval_transforms
 from pivotseg.engine.checkpoint import resolve_model_folder
 from pivotseg.paths import shared_path
@@ -50,7 +47,6 @@ from pivotseg.tasks.dgss.evaluate import evaluate_datasets
 
 ROOT = check_checkout(__file__)
 
-CORRUPTIONS = ("jpeg", "noise", "colour", "lowres")
 DEFAULT_VARIANTS = (
     "source-free:source_replay=False",
     "replay, dynamic parts only:adapt_head=False",
@@ -58,48 +54,6 @@ DEFAULT_VARIANTS = (
     "replay + head, lr 5e-4:lr=5e-4",
     "replay + head, no ClassMix:class_mix=False",
 )
-
-
-def proxy_transform(name: str):
-    """The albumentations pipeline of one proxy corruption (always applied)."""
-    import albumentations as A
-
-    steps = {
-        "jpeg": [A.ImageCompression(quality_range=(8, 8), p=1)],
-        "noise": [A.GaussNoise(std_range=(0.12, 0.12), p=1)],
-        "colour": [
-            A.HueSaturationValue(
-                hue_shift_limit=(25, 25), sat_shift_limit=(-50, -50), val_shift_limit=(0, 0), p=1
-            ),
-            A.RGBShift(r_shift_limit=(40, 40), g_shift_limit=(0, 0), b_shift_limit=(-40, -40), p=1),
-        ],
-        "lowres": [A.Downscale(scale_range=(0.3, 0.3), p=1)],
-    }[name]
-    return A.Compose(steps, p=1)
-
-
-def proxy_images(out: Path, seed: int = 0) -> tuple[list, list, Path]:
-    """``(adapt samples, score samples, folder of corrupted images)``: CamVid day val in time
-    order, split in half; each frame corrupted once (round-robin over a seeded permutation)."""
-    from PIL import Image
-
-    val = build_dataset(shared_path("data", "camvid_day"), "camvid", "val")
-    samples = sorted(val.samples, key=lambda s: s.image.name)
-    folder = out / "proxy_images"
-    folder.mkdir(parents=True, exist_ok=True)
-    order = np.random.default_rng(seed).permutation(len(samples))
-    assignment = {int(j): CORRUPTIONS[i % len(CORRUPTIONS)] for i, j in enumerate(order)}
-    corrupted = []
-    for i, sample in enumerate(samples):
-        path = folder / f"{sample.image.stem}.png"
-        if not path.is_file():
-            transform = proxy_transform(assignment[i])
-            transform.set_random_seed(seed * 100_003 + i)
-            image = transform(image=read_image(sample.image))["image"]
-            Image.fromarray(image).save(path)
-        corrupted.append(replace(sample, image=path))
-    half = len(samples) // 2
-    return corrupted[:half], (samples[half:], corrupted[half:]), folder
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from pivotseg.benchmarking import check_checkout
+from pivotseg.benchmarking.proxy import proxy_images
 from pivotseg.benchmarking.report import markdown_table, write_section
 from pivotseg.data import build_dataset
 from pivotseg.data.transforms import eval_transforms
@@ -50,8 +51,6 @@ from pivotseg.tasks.dgss.evaluate import TaxonomyBridge, score_into
 from pivotseg.tuning.pivots import class_pool, patch_classes
 
 ROOT = check_checkout(__file__)
-sys.path.insert(0, str(ROOT / "bench"))
-from adapt_proxy import proxy_images  # noqa: E402  (the proxy's frames, shared)
 
 TEMPERATURES = (0.05, 0.1, 0.2)
 

@@ -170,3 +170,29 @@ def test_replay_rows_pair_spl_with_selftrain_of_the_same_mode():
         -0.6,
         -0.7,
     ]
+
+
+def test_self_training_streams_are_paired_with_the_source_under_their_teachers_augmentation():
+    from bench.adapt import TTA
+
+    result = _result()
+    for seed in range(3):
+        result["rows"] += [
+            _row("dpft", seed, TTA, 41.5 + seed, 33.0),
+            _row("dpft", seed, "selftrain-stream", 42.0 + seed, 33.0),
+            _row("dpft", seed, "tent-stream", 41.0, 33.0),
+        ]
+    pairs = {label: d for label, d, _ in paired_rows(result, "idd")}
+    assert [round(x, 6) for x in pairs["dpft + selftrain-stream − dpft source TTA"].diffs] == [
+        0.5,
+        0.5,
+        0.5,
+    ]
+    # source only: 40, 41, 39 -> the augmentation's own share +1.5, +1.5, +4.5
+    assert [round(x, 6) for x in pairs["dpft source TTA − dpft source only"].diffs] == [
+        1.5,
+        1.5,
+        4.5,
+    ]
+    assert "dpft + tent-stream − dpft source TTA" not in pairs  # TENT predicts unaugmented
+    assert not any(label.startswith("dpft source TTA − rein") for label in pairs)
