@@ -198,8 +198,10 @@ def run_rows(args, result: dict) -> dict:
                     row = {"target": target, "run": name, "seed": seed, "adaptation": method}
                     if method == "source only":
                         row.update(score(model, datasets))
-                    elif method == TTA:
-                        row.update(_tta_score(model, datasets))
+                    elif method == TTA:  # the unadapted model: source val is source only's
+                        base = (target, name, seed, "source only")
+                        known = [r["source_val"] for r in result["rows"] if _key(r) == base]
+                        row.update(_tta_score(model, datasets, known[0] if known else None))
                     elif method.endswith(STREAM):
                         row.update(_stream_and_score(run, row, datasets))
                     else:
@@ -234,9 +236,9 @@ def _adapt_and_score(run, images, out, row, short, args, datasets) -> dict:
     }
 
 
-def _tta_score(model, datasets) -> dict:
+def _tta_score(model, datasets, source_val: float | None = None) -> dict:
     """The target scored with the stream teacher's augmentation of the source model (no step),
-    and source val as source only scores it."""
+    and source val as source only scores it (``source_val``: that row's, when already scored)."""
     from pivotseg.evaluation import ConfusionMatrix
 
     scales = AdaptSettings().resolved(replay=False).teacher_scales
@@ -249,13 +251,13 @@ def _tta_score(model, datasets) -> dict:
         item = target[index]
         probs = augmented_probs(model, item["image"][None].float(), scales)
         score_into(matrix, bridge, probs.clamp_min(1e-12).log(), item["label"][None])
-    val = evaluate_datasets(
-        model, {"source_val": datasets["source_val"]}, EvalConfig(mode="whole"),
-        val_name="source_val",
-    )  # fmt: skip
+    if source_val is None:
+        val = {"source_val": datasets["source_val"]}
+        record = evaluate_datasets(model, val, EvalConfig(mode="whole"), val_name="source_val")
+        source_val = record["val"]["miou"]
     return {
         "miou": as_percent(matrix.compute())["miou"],
-        "source_val": val["val"]["miou"],
+        "source_val": source_val,
         "teacher_scales": list(scales),
     }
 

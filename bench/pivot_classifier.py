@@ -92,7 +92,6 @@ def target_banks(model, dataset, settings: AdaptSettings) -> tuple[dict, dict]:
             acc = sums.setdefault(width, [0, 0])
             acc[0], acc[1] = acc[0] + s.sum(0), acc[1] + c.sum(0)
         move_pivots(tuning, tokens, labels, settings.pivot_momentum, settings.pivot_min_tokens)
-        tuning._pivot_cache.clear()
     moved = source_banks(tuning)
     means = {}
     for width, (s, c) in sums.items():
@@ -119,7 +118,6 @@ def classify(model, dataset, banks: dict[str, dict]) -> dict[str, float]:
         logits = model(image).float()
         size = logits.shape[-2:]
         sims = {name: pivot_similarity(tuning, size, b) for name, b in banks.items()}
-        tuning._pivot_cache.clear()
         score_into(matrices["head"], bridge, logits, label)
         for name, sim in sims.items():
             score_into(matrices[name], bridge, sim, label)

@@ -2,8 +2,8 @@
 takes one adaptation step on it, so a model deployed on a stream follows its conditions.
 
 The prediction of a frame is made before the step on that frame: the teacher's prediction
-averaged over flips and ``teacher_scales`` for ``spl``/``selftrain`` (as CoTTA scores), the forward that computes the entropy
-for ``tent`` (as TENT's ``forward_and_adapt``). Frames are segmented whole (no sliding window),
+averaged over flips and ``teacher_scales`` for ``spl``/``selftrain`` (as CoTTA scores), the
+forward that computes the entropy for ``tent`` (as TENT's ``forward_and_adapt``). Frames are segmented whole (no sliding window),
 at the size ``size_for`` gives, and the labels brought back to the frame's size. No label is
 read by the adaptation; :func:`evaluate_stream` scores the predictions of a labelled stream as
 they are made (CoTTA's protocol).

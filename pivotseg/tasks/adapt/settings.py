@@ -98,9 +98,9 @@ class AdaptSettings:
             horizontal flip (multi-scale test-time augmentation of the pseudo-labels; the
             student, the deployed model and the drift guard's source model see scale 1). 1 must
             be among them. None: source-free 0.75, 1, 1.25 (on the proxy +1.06 mIoU over the
-            flip alone, 3 seeds; the teacher runs six forwards instead of two); with source replay 1 only (the
-            image and its flip: there the scales changed nothing, +0.01, as DAFormer's
-            confidence threshold keeps fewer of the smoother pixels). The stream's prediction
+            flip alone, 3 seeds; the teacher runs six forwards instead of two); with source
+            replay 1 only (the image and its flip: there the scales changed nothing, +0.01, as
+            DAFormer's confidence threshold keeps fewer of the smoother pixels). The stream's prediction
             of a frame is this average too (CoTTA scores its augmented teacher).
         restore_prob: per-element chance per step that a student parameter returns to its
             source value (CoTTA's stochastic restore; None: 0.01 source-free, 0 with source
