@@ -6,6 +6,9 @@ frames of shifted targets.
         --targets idd adverse [--steps 100] [--out runs/bench_adapt] --json FILE [--doc] \
         [--proxy-json FILE ...]
     python bench/adapt.py --from-json FILE [--proxy-json FILE] --doc   # re-render only
+    python bench/adapt.py --from-json bench/results/adapt_tent_baselines.json --doc \
+        --section adapt_tent_baselines \
+        --title "Test-time adaptation: TENT on frozen and full fine-tuning beside DPFT (CPU)"
 
 Each run (one per seed: ``{seed}`` in its path) is adapted with the given adaptations on the same
 images and budget, and scored with its source-only model beside it on:
@@ -47,6 +50,7 @@ Student-t interval; the issue's bar is checked on every DPFT adaptation against 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shlex
 import shutil
@@ -80,8 +84,10 @@ TARGETS = {
 }
 
 
-def target_halves(target: str, run_cfg=None):
-    """``(images to adapt on, dataset to score, resize_short)`` of the target."""
+def split_target(target: str, run_cfg=None):
+    """``(the adapted half, the scored half, resize_short)``: two labelled datasets with
+    evaluation transforms (adaptation reads only the first's image files; bench/adapt_oracle.py
+    its labels too)."""
     if target == "idd":
         root = shared_path("data", "idd_lite")
         short = SOURCE_SHORT
@@ -103,8 +109,26 @@ def target_halves(target: str, run_cfg=None):
         short = None
         ordered = sorted(full.samples, key=lambda s: s.image.name)
         adapt, score = ordered[: len(ordered) // 2], ordered[len(ordered) // 2 :]
-    full.samples = score
-    return [s.image for s in adapt], full, short
+    adapt_set = copy.copy(full)
+    adapt_set.samples, full.samples = adapt, score
+    return adapt_set, full, short
+
+
+def target_sets(args, target: str, val) -> tuple:
+    """``(the adapted half, {"target": the scored half, "source_val": val}, resize_short)`` of
+    ``target``, split as the config of the first ``--run`` (at the first seed) names it."""
+    first = args.run[0].split("=", 1)[1].format(seed=args.seeds[0])
+    adapt, held_out, short = split_target(target, find_run_config(resolve_model_folder(first)))
+    return adapt, {"target": held_out, "source_val": val}, short
+
+
+def source_val(val_every: int):
+    """CamVid day val, one frame in ``val_every``: a check that home is kept, not a headline."""
+    val = build_dataset(
+        shared_path("data", "camvid_day"), "camvid", "val", transform=eval_transforms()
+    )
+    val.samples = val.samples[::val_every]
+    return val
 
 
 def _adverse_spec(run_cfg):
@@ -167,21 +191,18 @@ def _key(row: dict) -> tuple:
 
 def run_rows(args, result: dict) -> dict:
     """Adapt and score every (target, run, seed, adaptation) not yet in ``result``."""
-    val = build_dataset(
-        shared_path("data", "camvid_day"), "camvid", "val", transform=eval_transforms()
-    )
-    val.samples = val.samples[:: args.val_every]  # a check that home is kept, not a headline
+    val = source_val(args.val_every)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     done = {_key(r) for r in result["rows"]}
     methods = dict(m.split("=", 1) for m in args.methods or [])
     runs = [spec.split("=", 1) for spec in args.run]
     for target in args.targets:
-        first_cfg = find_run_config(resolve_model_folder(runs[0][1].format(seed=args.seeds[0])))
-        images, target_set, short = target_halves(target, first_cfg)
-        datasets = {"target": target_set, "source_val": val}
-        result["frames"][target] = {"adapt": len(images), "score": len(target_set)}
-        print(f"{target}: adapt on {len(images)} frames, score {len(target_set)}", flush=True)
+        adapt_set, datasets, short = target_sets(args, target, val)
+        images = [s.image for s in adapt_set.samples]  # their labels are never read here
+        scored = len(datasets["target"])
+        result["frames"][target] = {"adapt": len(images), "score": scored}
+        print(f"{target}: adapt on {len(images)} frames, score {scored}", flush=True)
         for seed in args.seeds:
             for name, pattern in runs:
                 run = pattern.format(seed=seed)
@@ -425,14 +446,33 @@ def report(result: dict, proxies: list[dict] | dict | None = None) -> str:
     return "\n\n".join(parts)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_row_arguments(parser: argparse.ArgumentParser) -> None:
+    """--run, --seeds, --targets and --json: the source runs, the targets and the rows' file
+    (bench/adapt_oracle.py takes the same)."""
     parser.add_argument("--run", action="append", metavar="NAME=RUN", help="{seed} in RUN")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--targets", nargs="+", choices=sorted(TARGETS), default=["idd"])
+    parser.add_argument("--json", help="rows go here as they finish; a rerun skips them")
+
+
+def resume_rows(args, script: str, argv) -> dict:
+    """The rows already in ``args.json`` (a rerun skips them), with this command appended to
+    the commands that wrote them and ``args.targets`` added to theirs."""
+    result = {"rows": [], "frames": {}}
+    if args.json and Path(args.json).is_file():
+        result = json.loads(Path(args.json).read_text())
+    command = f"python {script} " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "; ".join(dict.fromkeys(filter(None, [result.get("command"), command])))
+    targets = list(dict.fromkeys([*result.get("targets", []), *args.targets]))
+    result.update(command=command, machine=machine(), targets=targets)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_row_arguments(parser)
     parser.add_argument("--steps", type=int, default=100, help="adaptation steps (default 100)")
     parser.add_argument("--out", default="runs/bench_adapt", help="adapted runs go here")
-    parser.add_argument("--json", help="rows go here as they finish; a rerun skips them")
     parser.add_argument(
         "--methods",
         action="append",
@@ -455,31 +495,36 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--doc", action="store_true", help='write the "adapt" section of docs/benchmarks.md'
     )
+    parser.add_argument(
+        "--section",
+        default="adapt",
+        help="with --doc: the section to write (another one keeps the 'adapt' rows as they are)",
+    )
+    parser.add_argument("--title", help="with --section: its title")
+    parser.add_argument(
+        "--note", help="a paragraph printed under the intro, stored in the --json/--from-json file"
+    )
     parser.add_argument("--from-json", metavar="FILE", help="report a --json file; run nothing")
     args = parser.parse_args(argv)
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
     elif args.run:
-        result = {"rows": [], "frames": {}}
-        if args.json and Path(args.json).is_file():
-            result = json.loads(Path(args.json).read_text())
-        command = "python bench/adapt.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        # a resumed or extended file keeps the commands that wrote its earlier rows
-        command = "; ".join(dict.fromkeys(filter(None, [result.get("command"), command])))
-        result.update(
-            command=command, machine=machine(), steps=args.steps, val_every=args.val_every,
-            targets=list(dict.fromkeys(result.get("targets", []) + args.targets)),
-        )  # fmt: skip
+        result = resume_rows(args, "bench/adapt.py", argv)
+        result.update(steps=args.steps, val_every=args.val_every)
         result = run_rows(args, result)
     else:
         parser.error("give --run NAME=RUN (or --from-json FILE)")
+    if args.note:  # kept with the rows, so that a re-render from the file prints it too
+        result["note"] = args.note
+        if args.from_json or args.json:
+            Path(args.from_json or args.json).write_text(json.dumps(result, indent=2))
     proxies = [json.loads(Path(p).read_text()) for p in args.proxy_json or []]
     body = report(result, proxies)
     print(body)
     if args.doc:
-        title = "Test-time adaptation (SPL mode, self-training, TENT)"
+        title = args.title or "Test-time adaptation (SPL mode, self-training, TENT)"
         commands = "`; `".join([result["command"]] + [p["command"] for p in proxies])
-        write_section("adapt", title, commands, body)
+        write_section(args.section, title, commands, body)
     return 0
 
 

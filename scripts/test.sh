@@ -11,6 +11,8 @@ bash scripts/install_browser.sh >/dev/null ||
 ruff check .
 ruff format --check .
 # One thread per process: the suite starts torchrun and loader processes of its own, and
-# oversubscribed cores make it several times slower on a 2-core machine.
+# oversubscribed cores make it several times slower on a 2-core machine. Two pytest workers
+# (pytest-xdist, a test file to a worker) keep both cores of the CI machine busy;
+# PIVOTSEG_TEST_WORKERS=0 runs everything in this process.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-python -m pytest --durations=10 "$@"
+python -m pytest -n "${PIVOTSEG_TEST_WORKERS:-2}" --dist loadfile --durations=10 "$@"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 from bench.adapt import paired_rows, report, verdicts
@@ -196,3 +197,15 @@ def test_self_training_streams_are_paired_with_the_source_under_their_teachers_a
     ]
     assert "dpft + tent-stream − dpft source TTA" not in pairs  # TENT predicts unaugmented
     assert not any(label.startswith("dpft source TTA − rein") for label in pairs)
+
+
+def test_a_note_is_kept_with_the_rows_and_printed_under_the_intro(tmp_path, capsys):
+    from bench.adapt import main
+
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps(_result()))
+    assert main(["--from-json", str(rows), "--note", "Frozen and full: trained in session 9."]) == 0
+    assert json.loads(rows.read_text())["note"] == "Frozen and full: trained in session 9."
+    assert main(["--from-json", str(rows)]) == 0  # a later render prints it without --note
+    printed = capsys.readouterr().out
+    assert printed.count("Frozen and full: trained in session 9.") == 2

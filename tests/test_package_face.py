@@ -80,7 +80,7 @@ def test_bench_script_in_this_checkout_is_accepted(tmp_path):
     assert str(REPO_ROOT) in message and f"PYTHONPATH={tmp_path.resolve()}" in message
 
 
-@pytest.mark.parametrize("script", ["bench/dg.py", "bench/adapt.py"])
+@pytest.mark.parametrize("script", ["bench/dg.py", "bench/adapt.py", "bench/adapt_oracle.py"])
 def test_bench_script_runs_from_the_repository_root_without_pythonpath(script):
     done = subprocess.run(
         [sys.executable, script, "--help"],
