@@ -23,8 +23,8 @@ probabilities are summed into them (:func:`pivotseg.data.taxonomy.convert_logits
 its score is computed from) and pixels of classes the model cannot reach are ignored. The head's
 class weights of source training are not used (one frame per step, no class balance to keep).
 
-If the oracle gains less than 3 mIoU with a student and budget, no adaptation of that student
-with that budget can reach the issue's +3 from unlabelled images of this target.
+If the oracle gains less than 3 mIoU with a student and budget, perfect pseudo-labels would not
+carry that student to the issue's +3 with that budget on this target.
 """
 
 from __future__ import annotations
@@ -143,8 +143,8 @@ def bar_reading(diff) -> str:
     """What an oracle's paired gain says of the issue's +3 bar, in words."""
     if diff.high < 3:
         return (
-            "below +3 even at the top of its interval: no adaptation of this student with this "
-            "budget can meet the bar from unlabelled images"
+            "below +3 even at the top of its interval: perfect pseudo-labels would not carry "
+            "this student to the bar with this budget"
         )
     if diff.mean >= 3:
         return "+3 or more on average: the bar is within this student's reach at this budget"

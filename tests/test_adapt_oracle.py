@@ -92,7 +92,7 @@ def test_report_pairs_each_oracle_with_source_only_and_says_whether_it_reaches_t
     half = 4.303 * 0.1 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
     assert f"[{1.1 - half:+.2f}, {1.1 + half:+.2f}]" in text
     assert "oracle, 40 steps: with the true labels the student gains +1.10" in text
-    assert "below +3 even at the top of its interval" in text
+    assert "below +3 even at the top of its interval: perfect pseudo-labels" in text
     assert "oracle + head, 40 steps: with the true labels the student gains +4.00" in text
     assert "+3 or more on average" in text
     rows[-4]["miou"] = 41.0  # the head row at seed 1: +0.0, so +4, +0, +4: mean +2.67, wide
