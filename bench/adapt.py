@@ -303,7 +303,8 @@ def _stream_and_score(run, row, datasets) -> dict:
     }
 
 
-def _values(rows, target, run, adaptation, field) -> dict[int, float]:
+def values_by_seed(rows, target, run, adaptation, field) -> dict[int, float]:
+    """``{seed: row[field]}`` of the rows of (target, run, adaptation)."""
     return {
         r["seed"]: r[field]
         for r in rows
@@ -354,7 +355,10 @@ def paired_rows(result: dict, target: str) -> list[tuple[str, object, object]]:
     pairs = []
     for (run, a), (other, b) in comparisons:
         diffs = [
-            paired_difference(_values(rows, target, run, a, f), _values(rows, target, other, b, f))
+            paired_difference(
+                values_by_seed(rows, target, run, a, f),
+                values_by_seed(rows, target, other, b, f),
+            )
             for f in ("miou", "source_val")
         ]
         first = f"{run} {a}" if a == TTA else f"{run} + {a}"

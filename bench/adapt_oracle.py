@@ -52,9 +52,25 @@ from pivotseg.tasks.adapt.selftrain import student_parameters
 from pivotseg.tasks.dgss.evaluate import TaxonomyBridge
 
 if __package__:
-    from bench.adapt import TARGETS, add_row_arguments, resume_rows, score, source_val, target_sets
+    from bench.adapt import (
+        TARGETS,
+        add_row_arguments,
+        resume_rows,
+        score,
+        source_val,
+        target_sets,
+        values_by_seed,
+    )
 else:  # run as a script, bench/ is sys.path[0]
-    from adapt import TARGETS, add_row_arguments, resume_rows, score, source_val, target_sets
+    from adapt import (
+        TARGETS,
+        add_row_arguments,
+        resume_rows,
+        score,
+        source_val,
+        target_sets,
+        values_by_seed,
+    )
 
 ROOT = check_checkout(__file__)
 STUDENTS = {"oracle": False, "oracle + head": True}  # row prefix -> the head in the student
@@ -128,15 +144,7 @@ def run_rows(args, result: dict) -> None:
                     done.add(key)
                     print(row, flush=True)
                     if args.json:
-                        Path(args.json).write_text(json.dumps(result, indent=1))
-
-
-def _values(rows, target, run, adaptation, field) -> dict[int, float]:
-    return {
-        r["seed"]: r[field]
-        for r in rows
-        if (r["target"], r["run"], r["adaptation"]) == (target, run, adaptation)
-    }
+                        Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 def bar_reading(diff) -> str:
@@ -184,8 +192,8 @@ def report(result: dict) -> str:
                 continue
             diffs = [
                 paired_difference(
-                    _values(rows, target, run, adaptation, f),
-                    _values(rows, target, run, SOURCE, f),
+                    values_by_seed(rows, target, run, adaptation, f),
+                    values_by_seed(rows, target, run, SOURCE, f),
                 )
                 for f in ("miou", "source_val")
             ]
