@@ -498,3 +498,35 @@ def test_teacher_scales_average_the_flipped_views_at_each_scale(world):
     assert torch.allclose(plain, by_hand[0], atol=1e-6)
     with pytest.raises(ConfigError, match="1 among them"):
         AdaptSettings(teacher_scales=[0.75, 1.25])
+
+
+def test_target_images_are_sized_as_predict_sizes_them(world, tmp_path, monkeypatch):
+    """A frame smaller than the model's minimum side is enlarged (its 0.75 teacher view too),
+    a very wide one capped at the run's data.max_size (2048), as ``pivotseg predict`` does."""
+    import pivotseg.tasks.adapt.offline as offline
+    from pivotseg.tasks.dgss.predict import min_input_side
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (5, 7, 3), dtype=np.uint8)).save(folder / "a_tiny.png")
+    Image.fromarray(rng.integers(0, 255, (40, 2200, 3), dtype=np.uint8)).save(folder / "b_wide.png")
+    Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(folder / "c_grey.png")
+    stacked, stack = [], offline.stack
+    monkeypatch.setattr(offline, "stack", lambda b, *a: stacked.extend(b) or stack(b, *a))
+    run = world["runs"]["rein"]
+    out = adapt_run(run, folder, tmp_path / "out", steps=3, progress=False, method="selftrain")
+    assert json.loads((out / "adapt.json").read_text())["settings"]["steps"] == 3
+    side = min_input_side(load(run))
+    assert side > 7  # the tiny frame really is below it
+    sizes = {im.shape[1]: im.shape[:2] for im in stacked}  # by width: 48 grey, the others
+    assert sizes.pop(48) == (40, 48)  # a grey frame, read as RGB at its own size
+    assert sizes.pop(2048) == (37, 2048)  # 40 x 2200 scaled by 2048 / 2200
+    assert list(sizes.values()) == [(side, int(7 * side / 5 + 0.5))]  # 5 x 7, keep-ratio
+
+
+def test_the_stream_sizes_frames_as_predict_does_by_default(world):
+    model = load(world["runs"]["rein"])
+    tiny = np.random.default_rng(1).integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    frames = list(adapt_stream(model, [("tiny", tiny)], method="selftrain"))
+    assert frames[0].labels.shape == (5, 7)  # segmented enlarged, brought back to its size

@@ -6,15 +6,17 @@ otherwise hand its label PNGs over as images), and nothing here knows about labe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pivotseg.data.io import IMAGE_EXTENSIONS, image_size, read_image
-from pivotseg.data.transforms import resize_image, scaled_size
+from pivotseg.data.transforms import resize_image
 from pivotseg.errors import DataError
+
+SizeFn = Callable[[int, int], tuple[int, int]]
 
 
 def list_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -47,12 +49,11 @@ def list_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def load_image(path: Path, resize_short: int | None = None) -> np.ndarray:
-    """``uint8 (H, W, 3)`` RGB, resized keep-ratio to ``resize_short`` when given."""
+def load_image(path: Path, size_for: SizeFn | None = None) -> np.ndarray:
+    """``uint8 (H, W, 3)`` RGB, resized to ``size_for(H, W)`` when given (e.g. a
+    :class:`~pivotseg.tasks.dgss.predict.ResizePolicy`'s ``size_for``, as prediction sizes it)."""
     image = read_image(path)
-    if resize_short is not None:
-        image = resize_image(image, scaled_size(*image.shape[:2], resize_short))
-    return image
+    return image if size_for is None else resize_image(image, size_for(*image.shape[:2]))
 
 
 def stack(

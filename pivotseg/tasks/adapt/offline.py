@@ -43,6 +43,7 @@ from pivotseg.tasks.adapt.images import list_images, load_image, stack
 from pivotseg.tasks.adapt.params import only_these_require_grad
 from pivotseg.tasks.adapt.replay import SourceReplay
 from pivotseg.tasks.adapt.settings import AdaptSettings
+from pivotseg.tasks.dgss.predict import resize_policy_for
 
 ADAPT_FILE = "adapt.json"
 
@@ -141,6 +142,8 @@ def adapt_run(
         settings.resize_short = run_cfg.data.eval_resize_short
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_segmenter(folder, backbone_source=backbone_source).to(device).eval()
+    # Sized as pivotseg predict sizes them: a huge photo is capped, a tiny one enlarged.
+    policy = resize_policy_for(run_cfg, model, settings.resize_short, None)
     replay = replays_source(model, settings)
     if replay and run_cfg is None:
         raise ConfigError(
@@ -161,7 +164,7 @@ def adapt_run(
         with only_these_require_grad(model, list(adapter.params.values())):
             order = _image_order(len(files), steps, settings.batch_size, settings.seed)
             for step, indices in enumerate(tqdm(order, desc="adapt", disable=not progress), 1):
-                batch = [load_image(files[i], settings.resize_short) for i in indices]
+                batch = [load_image(files[i], policy.size_for) for i in indices]
                 if source is not None:
                     pixels = adapter.crops(batch, fill, device)
                     valid = torch.ones_like(pixels[:, 0], dtype=torch.bool)

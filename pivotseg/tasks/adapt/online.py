@@ -11,21 +11,20 @@ they are made (CoTTA's protocol).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pivotseg.data.transforms import resize_image, scaled_size
+from pivotseg.data.transforms import resize_image
 from pivotseg.segmenter import Segmenter
 from pivotseg.tasks.adapt.adapter import build_adapter
-from pivotseg.tasks.adapt.images import stack
+from pivotseg.tasks.adapt.images import SizeFn, stack
 from pivotseg.tasks.adapt.params import only_these_require_grad
 from pivotseg.tasks.adapt.settings import AdaptSettings
-
-SizeFn = Callable[[int, int], tuple[int, int]]
+from pivotseg.tasks.dgss.predict import resize_policy_for
 
 
 @dataclass
@@ -66,17 +65,18 @@ def adapt_stream(
         frames: ``(key, uint8 (H, W, 3) RGB image)`` in stream order (e.g. file paths as keys).
         settings: hyperparameters; ``overrides`` replace fields (``method``, ``batch_size``...).
             ``steps`` is ignored: one step per batch of frames.
-        size_for: ``(h, w) -> (h', w')`` the size to segment a frame at; default:
-            ``settings.resize_short`` (keep-ratio), else the frame's own size.
+        size_for: ``(h, w) -> (h', w')`` the size to segment a frame at; default: what
+            ``pivotseg predict`` uses (:func:`~pivotseg.tasks.dgss.predict.resize_policy_for`:
+            ``settings.resize_short``, else the run's evaluation resize, the run's long-side cap,
+            and frames smaller than the model's minimum side enlarged).
 
     Raises:
         ConfigError: the model's tuning method cannot adapt that way.
     """
     settings = AdaptSettings.with_overrides(settings, **overrides)
-    if size_for is None and settings.resize_short is not None:
-
-        def size_for(h: int, w: int) -> tuple[int, int]:
-            return scaled_size(h, w, settings.resize_short)
+    if size_for is None:
+        run_cfg = getattr(model, "run_config", None)
+        size_for = resize_policy_for(run_cfg, model, settings.resize_short, None).size_for
 
     adapter = build_adapter(model, settings)
     device = model.pixel_mean.device
@@ -84,10 +84,7 @@ def adapt_stream(
     try:
         with only_these_require_grad(model, list(adapter.params.values())):
             for batch in _batches(frames, settings.batch_size):
-                inputs = [
-                    image if size_for is None else resize_image(image, size_for(*image.shape[:2]))
-                    for _, image in batch
-                ]
+                inputs = [resize_image(image, size_for(*image.shape[:2])) for _, image in batch]
                 pixels, valid = stack(inputs, fill, device)
                 probs, stats = adapter.step(pixels, valid)
                 for i, ((key, image), small) in enumerate(zip(batch, inputs)):

@@ -27,6 +27,7 @@ from pivotseg.segmenter import Segmenter
 from pivotseg.tasks.adapt.params import norm_affine_parameters
 from pivotseg.tasks.adapt.settings import AdaptSettings
 from pivotseg.tasks.adapt.teacher import MeanTeacher
+from pivotseg.tasks.dgss.predict import min_input_side
 from pivotseg.tuning.pivots import class_pool, patch_classes
 
 
@@ -297,15 +298,18 @@ def augmented_probs(
     """Softmax of ``model`` averaged over ``images`` and their horizontal flip at every scale
     (bilinear resize; each view brought back to the plain prediction's grid): the teacher's
     prediction. ``plain``: the softmax of the unresized, unflipped images if already computed.
+    A view whose short side would fall below the model's minimum input side is taken at that
+    side instead (a small frame's 0.75 view would not pass the coarsest pyramid level).
     """
     if plain is None:
         plain = F.softmax(model(images).float(), dim=1)
     size = plain.shape[-2:]
     views = [plain]
+    min_side = min_input_side(model)
     for scale in scales:
         x = images
         if scale != 1.0:
-            x = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+            x = _rescale(images, scale, min_side)
         for flip in (False, True) if scale != 1.0 else (True,):
             probs = F.softmax(model(x.flip(-1) if flip else x).float(), dim=1)
             probs = probs.flip(-1) if flip else probs
@@ -313,6 +317,15 @@ def augmented_probs(
                 probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
             views.append(probs)
     return torch.stack(views).mean(0)
+
+
+def _rescale(images: torch.Tensor, scale: float, min_side: int) -> torch.Tensor:
+    """``images`` resized by ``scale`` (bilinear), each side at least ``min_side``."""
+    h, w = images.shape[-2:]
+    if min(int(h * scale), int(w * scale)) >= min_side:
+        return F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+    size = (max(int(h * scale), min_side), max(int(w * scale), min_side))
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
 
 def _coverage(labels: torch.Tensor, valid: torch.Tensor, num_classes: int) -> list[float]:

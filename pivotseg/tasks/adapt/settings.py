@@ -121,7 +121,9 @@ class AdaptSettings:
             source model agree falls below this (real adaptation relabels far fewer pixels).
         smoothing: EMA momentum of those two drift statistics.
         resize_short: resize images to this short side first (default: the run's
-            ``data.eval_resize_short``, so adaptation sees images as evaluation does).
+            ``data.eval_resize_short``, so adaptation sees images as evaluation does); without
+            one the long side is capped at the run's ``data.max_size``, and an image below the
+            model's minimum side is enlarged to it, as ``pivotseg predict`` sizes images.
         seed: image order and stochastic restore.
     """
 
