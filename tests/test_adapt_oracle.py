@@ -100,3 +100,25 @@ def test_report_pairs_each_oracle_with_source_only_and_says_whether_it_reaches_t
     assert (
         "| dpft oracle + head, 40 steps − dpft source only | +4.00 [+4.00, +4.00] | -1.00" in text
     )
+
+
+def test_report_weighs_the_source_val_limit_and_orders_budgets_by_steps():
+    rows = []
+    for seed, base in enumerate([40.0, 41.0, 39.0]):
+        rows += [
+            _row(seed, "source only", base, 58.0),
+            _row(seed, "oracle, 200 steps", base + 4.0, 58.0 - 3.0 - seed),  # source val -4
+            _row(seed, "oracle, 40 steps", base + 4.0, 58.0),
+        ]
+    text = report({"rows": rows, "frames": {}, "targets": ["idd"]})
+    assert "oracle, 200 steps: with the true labels the student gains +4.00" in text
+    assert "source val falls by 4.00, beyond the bar's limit of 2" in text
+    assert (
+        "oracle, 40 steps: with the true labels the student gains +4.00 [+4.00, +4.00] mIoU; "
+        "+3 or more on average: the bar is within this student's reach" in text
+    )
+    # 40 steps before 200 (numbers, not strings), in the table and in the paired lines
+    assert text.index("| dpft | 0 | oracle, 40 steps") < text.index(
+        "| dpft | 0 | oracle, 200 steps"
+    )
+    assert text.index("- dpft, oracle, 40 steps") < text.index("- dpft, oracle, 200 steps")
