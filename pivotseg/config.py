@@ -255,6 +255,10 @@ class EvalConfig:
         batch_size: crops per forward pass in ``slide`` mode.
         limit: score at most this many evenly spaced frames of each evaluated dataset, for
             short runs (``None`` = every frame); the results record it.
+        tta_scales: test-time augmentation (mmseg's multi-scale test, ``img_ratios``): the
+            image is segmented at each of these scales (whole or sliding, as ``mode`` says)
+            and the softmax averaged at its size. ``[1.0]``: a single scale, no augmentation.
+        tta_flip: with each scale, also its horizontal flip (mmseg's ``flip``).
     """
 
     mode: Literal["whole", "slide"] = "whole"
@@ -262,6 +266,8 @@ class EvalConfig:
     stride: int | list[int] = field(default_factory=lambda: [341, 341])
     batch_size: int = 4
     limit: int | None = None
+    tta_scales: list[float] = field(default_factory=lambda: [1.0])
+    tta_flip: bool = False
 
     def __post_init__(self):
         for key in ("crop", "stride"):
@@ -276,6 +282,17 @@ class EvalConfig:
                 f"eval.limit={self.limit}: must be at least 1 (frames per dataset), or null "
                 "for every frame"
             )
+        self.tta_scales = [float(x) for x in self.tta_scales]
+        if not self.tta_scales or any(not 0 < x <= 8 for x in self.tta_scales):
+            raise ConfigError(
+                f"eval.tta_scales={self.tta_scales}: give one or more scales in (0, 8], e.g. "
+                "[0.75, 1.0, 1.25] ([1.0]: no test-time augmentation)"
+            )
+
+    @property
+    def augmented(self) -> bool:
+        """Whether inference averages several views (``tta_scales`` / ``tta_flip``)."""
+        return self.tta_flip or self.tta_scales != [1.0]
 
 
 @dataclass

@@ -199,7 +199,8 @@ def test_sidecar_round_trip(run, exported):
     assert side["normalisation"]["std"] == pytest.approx([58.395, 57.12, 57.375])
     assert side["input"]["size"] is None and side["input"]["size_multiple"] == 8
     assert side["resize"] == {"eval_resize_short": 44, "max_size": 100}
-    assert side["eval"] == {"mode": "slide", "crop": [40, 40], "stride": [24, 24], "batch_size": 2}
+    assert side["eval"] == {"mode": "slide", "crop": [40, 40], "stride": [24, 24], "batch_size": 2,
+                            "tta_scales": [1.0], "tta_flip": False}  # fmt: skip
     assert side["export"]["check"]["max_abs_logit_diff"] <= TOLERANCE
     onnx = OnnxSegmenter(exported)
     saved = json.loads((run / "checkpoints" / "last" / "segmenter.json").read_text())
@@ -309,6 +310,10 @@ def test_predict_and_eval_on_onnxruntime_give_the_eager_results(run, exported, t
     on_onnx = evaluate(exported, target, verbose=False, engine="onnxruntime")["targets"]["tgt"]
     assert on_onnx["miou"] == pytest.approx(on_torch["miou"], abs=1e-9)
     assert on_onnx["iou"] == pytest.approx(on_torch["iou"], abs=1e-9, nan_ok=True)
+    tta = {"tta_scales": [0.75, 1.0], "tta_flip": True}  # the views' sizes vary: dynamic export
+    on_torch = evaluate(run, target, verbose=False, **tta)["targets"]["tgt"]
+    on_onnx = evaluate(exported, target, verbose=False, **tta)["targets"]["tgt"]
+    assert on_onnx["miou"] == pytest.approx(on_torch["miou"], abs=1e-9)
 
     capsys.readouterr()
     out = str(tmp_path / "refused")

@@ -36,6 +36,7 @@ def register(subparsers) -> None:
     parser.add_argument("--crop", type=int, nargs="+", metavar="PX", help="slide window (h [w])")
     parser.add_argument("--stride", type=int, nargs="+", metavar="PX", help="slide stride (h [w])")
     parser.add_argument("--batch-size", type=int, help="crops per forward pass (slide mode)")
+    add_tta_arguments(parser)
     parser.add_argument("--resize-short", type=int, metavar="PX", help="resize short side first")
     parser.add_argument("--backbone-source", help="where the pretrained backbone is now")
     parser.add_argument(
@@ -75,5 +76,24 @@ def run(args: argparse.Namespace) -> int:
         output=args.json,
         limit=args.limit,
         engine=args.engine,
+        tta_scales=args.tta_scales,
+        tta_flip=args.tta_flip,
     )
     return 0
+
+
+def add_tta_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tta-scales`` / ``--tta-flip``: test-time augmentation (eval and predict)."""
+    parser.add_argument(
+        "--tta-scales",
+        type=float,
+        nargs="+",
+        metavar="S",
+        help="test-time augmentation: segment at each scale and average the softmax, e.g. "
+        "0.75 1 1.25 (default: the run's eval.tta_scales, else 1)",
+    )
+    parser.add_argument(
+        "--tta-flip",
+        action=argparse.BooleanOptionalAction,
+        help="with each scale also its horizontal flip (default: the run's eval.tta_flip)",
+    )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pivotseg.cli.eval import add_tta_arguments
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -52,6 +54,7 @@ def register(subparsers) -> None:
         help="cap the long side at inference (default: the run's data.max_size when no short "
         "side is set; 0: no cap)",
     )
+    add_tta_arguments(parser)
     parser.add_argument(
         "--adapt",
         action="store_true",
@@ -97,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         labeller=_adapting(args),
         legend=args.legend,
         engine=args.engine,
+        tta_scales=args.tta_scales,
+        tta_flip=args.tta_flip,
     )
     print(f"wrote {len(written)} PNGs to {args.out}")
     return 0

@@ -400,6 +400,8 @@ def export_onnx(
                         "crop": list(eval_cfg.crop),
                         "stride": list(eval_cfg.stride),
                         "batch_size": eval_cfg.batch_size,
+                        "tta_scales": list(eval_cfg.tta_scales),
+                        "tta_flip": eval_cfg.tta_flip,
                     },
                     "segmenter": _segmenter_dict(model),
                     "export": {

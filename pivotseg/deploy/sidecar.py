@@ -13,7 +13,8 @@ the SHA-256 of the ONNX file, so that a sidecar is never read for another export
      "normalisation": {"mean": [3], "std": [3], "scale": "0-255", "in_graph": true},
      "output": {"name", "kind": "logits" | "argmax"},
      "resize": {"eval_resize_short", "max_size"} (the run's data section),
-     "eval": {mode, crop, stride, batch_size} (the run's eval section),
+     "eval": {mode, crop, stride, batch_size, tta_scales, tta_flip} (the run's eval section;
+              the last two absent in older sidecars: no test-time augmentation),
      "segmenter": {segmenter.json}, "export": {source, exporter, versions, opset, check}}
 """
 

@@ -100,3 +100,47 @@ def slide_inference(
             count[i, :, y : y + vh, x : x + vw] += 1
     logits = logits / count
     return resize_logits(logits, out_size) if out_size is not None else logits
+
+
+def rescale_images(images: torch.Tensor, scale: float, min_side: int = 1) -> torch.Tensor:
+    """``images`` resized by ``scale`` (bilinear), neither side below ``min_side`` (the smallest
+    input the model takes: a small image's 0.75 view would not pass its coarsest level)."""
+    if scale == 1.0:
+        return images
+    h, w = images.shape[-2:]
+    if min(int(h * scale), int(w * scale)) >= min_side:
+        return F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+    size = (max(int(h * scale), min_side), max(int(w * scale), min_side))
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def augmented_probabilities(
+    fn: LogitsFn,
+    images: torch.Tensor,
+    scales=(1.0,),
+    flip: bool = True,
+    min_side: int = 1,
+    plain: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax of ``fn`` averaged over ``images`` at every scale, each view also flipped
+    horizontally when ``flip`` (mmseg's multi-scale + flip test), every view brought back to
+    the images' size: ``(B, K, H, W)``. ``plain``: the softmax of the images as they are, if
+    already computed (used when 1 is among the scales).
+    """
+    size = images.shape[-2:]
+
+    def view(scale: float, flipped: bool) -> torch.Tensor:
+        x = rescale_images(images, scale, min_side)
+        probs = F.softmax(fn(x.flip(-1) if flipped else x).float(), dim=1)
+        return resize_logits(probs.flip(-1) if flipped else probs, size)
+
+    scales = [float(s) for s in scales]
+    views = []
+    if 1.0 in scales:
+        views.append(plain if plain is not None else view(1.0, False))
+    for scale in scales:
+        for flipped in (False, True) if flip else (False,):
+            if scale != 1.0 or flipped:
+                views.append(view(scale, flipped))
+    return torch.stack(views).mean(0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pivotseg.evaluation.inference import augmented_probabilities
 from pivotseg.heads.base import IGNORE_INDEX
 from pivotseg.segmenter import Segmenter
 from pivotseg.tasks.adapt.params import norm_affine_parameters
@@ -288,7 +289,6 @@ class SelfTrainer:
         self.teacher.deploy()
 
 
-@torch.no_grad()
 def augmented_probs(
     model: Segmenter,
     images: torch.Tensor,
@@ -296,36 +296,14 @@ def augmented_probs(
     plain: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax of ``model`` averaged over ``images`` and their horizontal flip at every scale
-    (bilinear resize; each view brought back to the plain prediction's grid): the teacher's
-    prediction. ``plain``: the softmax of the unresized, unflipped images if already computed.
-    A view whose short side would fall below the model's minimum input side is taken at that
-    side instead (a small frame's 0.75 view would not pass the coarsest pyramid level).
+    (1 among them, as ``teacher_scales`` requires;
+    :func:`~pivotseg.evaluation.inference.augmented_probabilities`, a view never taken below
+    the model's minimum input side): the teacher's prediction. ``plain``: the softmax of the
+    unresized, unflipped images if already computed.
     """
-    if plain is None:
-        plain = F.softmax(model(images).float(), dim=1)
-    size = plain.shape[-2:]
-    views = [plain]
-    min_side = min_input_side(model)
-    for scale in scales:
-        x = images
-        if scale != 1.0:
-            x = _rescale(images, scale, min_side)
-        for flip in (False, True) if scale != 1.0 else (True,):
-            probs = F.softmax(model(x.flip(-1) if flip else x).float(), dim=1)
-            probs = probs.flip(-1) if flip else probs
-            if tuple(probs.shape[-2:]) != tuple(size):
-                probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
-            views.append(probs)
-    return torch.stack(views).mean(0)
-
-
-def _rescale(images: torch.Tensor, scale: float, min_side: int) -> torch.Tensor:
-    """``images`` resized by ``scale`` (bilinear), each side at least ``min_side``."""
-    h, w = images.shape[-2:]
-    if min(int(h * scale), int(w * scale)) >= min_side:
-        return F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
-    size = (max(int(h * scale), min_side), max(int(w * scale), min_side))
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    return augmented_probabilities(
+        model, images, scales, flip=True, min_side=min_input_side(model), plain=plain
+    )
 
 
 def _coverage(labels: torch.Tensor, valid: torch.Tensor, num_classes: int) -> list[float]:

@@ -32,7 +32,34 @@ from pivotseg.outputs import check_output_file
 
 
 def infer_logits(model: nn.Module, images: torch.Tensor, eval_cfg: EvalConfig) -> torch.Tensor:
-    """Logits ``(B, K, H, W)`` of ``model`` on ``images`` by whole-image or sliding inference."""
+    """Logits ``(B, K, H, W)`` of ``model`` on ``images`` by whole-image or sliding inference;
+    with test-time augmentation (``eval.tta_scales`` / ``tta_flip``) the log of the views'
+    averaged softmax, so that a softmax or an argmax of the result reads the average."""
+    if not eval_cfg.augmented:
+        return _infer_once(model, images, eval_cfg)
+    from pivotseg.evaluation.inference import augmented_probabilities
+
+    probs = augmented_probabilities(
+        lambda x: _infer_once(model, x, eval_cfg),
+        images,
+        eval_cfg.tta_scales,
+        flip=eval_cfg.tta_flip,
+        min_side=_min_side(model, eval_cfg),
+    )
+    return probs.clamp_min(1e-12).log()
+
+
+def _min_side(model: nn.Module, eval_cfg: EvalConfig) -> int:
+    """The smallest image side a view may have: the model's (an ONNX export's sidecar, else
+    from its strides); in sliding mode windows pad, so the model's side is the limit too."""
+    if hasattr(model, "size_multiple"):  # an OnnxSegmenter: it pads to two multiples
+        return max(int(model.min_side), 2 * int(model.size_multiple))
+    from pivotseg.tasks.dgss.predict import min_input_side  # predict imports this module
+
+    return min_input_side(model)
+
+
+def _infer_once(model: nn.Module, images: torch.Tensor, eval_cfg: EvalConfig) -> torch.Tensor:
     from pivotseg.evaluation import slide_inference, whole_inference
 
     if eval_cfg.mode == "slide":
@@ -272,6 +299,14 @@ def results_json(record: dict, **context) -> dict:
     return results_document("eval", datasets, record["mean_miou"], **context)
 
 
+def inference_record(eval_cfg: EvalConfig) -> dict:
+    """How the scores were inferred: mode (and window) and test-time augmentation."""
+    record = {"mode": eval_cfg.mode}
+    if eval_cfg.mode == "slide":
+        record.update(crop=list(eval_cfg.crop), stride=list(eval_cfg.stride))
+    return {**record, "tta_scales": list(eval_cfg.tta_scales), "tta_flip": eval_cfg.tta_flip}
+
+
 def as_pair(value: int | Sequence[int]) -> list[int]:
     """``[h, w]`` from one number or a list of one or two."""
     if isinstance(value, int):
@@ -314,6 +349,18 @@ def eval_config_for(
     return EvalConfig(**values)  # checked again, overrides included
 
 
+def with_tta(
+    eval_cfg: EvalConfig, scales: Sequence[float] | None = None, flip: bool | None = None
+) -> EvalConfig:
+    """``eval_cfg`` with test-time augmentation overridden (``None`` keeps its own)."""
+    values = dict(vars(eval_cfg))
+    if scales is not None:
+        values["tta_scales"] = list(scales)
+    if flip is not None:
+        values["tta_flip"] = flip
+    return EvalConfig(**values)
+
+
 def evaluate(
     checkpoint_or_run: str | Path,
     targets: Sequence[DatasetSpec | str] = (),
@@ -329,6 +376,8 @@ def evaluate(
     verbose: bool = True,
     limit: int | str | None = None,
     engine: str | None = None,
+    tta_scales: Sequence[float] | None = None,
+    tta_flip: bool | None = None,
 ) -> dict:
     """Score a trained segmenter on several datasets at once; prints a table.
 
@@ -353,9 +402,12 @@ def evaluate(
             frame (default: the run's ``eval.limit``, else every frame).
         engine: ``torch`` or ``onnxruntime`` (:mod:`pivotseg.deploy`; a run is exported
             first); default ``onnxruntime`` for an ``.onnx`` file, else ``torch``.
+        tta_scales, tta_flip: test-time augmentation (default: the run's ``eval`` section,
+            else none; :class:`~pivotseg.config.EvalConfig`).
 
     Returns:
-        :func:`evaluate_datasets`'s record (percent) plus ``checkpoint``.
+        :func:`evaluate_datasets`'s record (percent) plus ``checkpoint`` and ``inference``
+        (mode and test-time augmentation).
     """
     from pivotseg.deploy.onnx_runtime import check_engine, is_onnx_file, open_onnx_model
     from pivotseg.segmenter import load_segmenter
@@ -391,14 +443,17 @@ def evaluate(
     else:
         acc = make_accelerator(mixed_precision)
         model = load_segmenter(folder, backbone_source=backbone_source).to(acc.device)
+    eval_cfg = with_tta(eval_cfg, tta_scales, tta_flip)
     datasets = open_eval_datasets(specs, resize_short)
     record = evaluate_datasets(model, datasets, eval_cfg, acc, num_workers=num_workers)
     record["checkpoint"] = str(folder)
+    record["inference"] = inference_record(eval_cfg)
     if acc.is_main_process:
         if verbose:
             print(format_table(record, per_class=True))
         if output is not None:
             from pivotseg.evaluation.results import write_json
 
-            write_json(output, results_json(record, checkpoint=str(folder)))
+            context = {"checkpoint": str(folder), "inference": record["inference"]}
+            write_json(output, results_json(record, **context))
     return record

@@ -31,7 +31,7 @@ from pivotseg.data.io import IMAGE_EXTENSIONS, image_size, pil_to_rgb, read_imag
 from pivotseg.data.transforms import resize_image
 from pivotseg.engine.checkpoint import resolve_model_folder
 from pivotseg.errors import ConfigError, DataError
-from pivotseg.tasks.dgss.evaluate import eval_config_for, infer_logits
+from pivotseg.tasks.dgss.evaluate import eval_config_for, infer_logits, with_tta
 
 FORMATS = ("label", "color", "overlay")
 IMAGE_SUFFIXES = IMAGE_EXTENSIONS
@@ -454,6 +454,8 @@ def predict(
     labeller: Callable | None = None,
     legend: bool = True,
     engine: str | None = None,
+    tta_scales: Sequence[float] | None = None,
+    tta_flip: bool | None = None,
 ) -> list[Path]:
     """Segment images into one PNG each in ``out_dir``.
 
@@ -480,6 +482,8 @@ def predict(
         legend: with ``overlay``, draw the legend strip (false: PNGs of the image's size).
         engine: ``torch`` or ``onnxruntime`` (:mod:`pivotseg.deploy`; a run is exported
             first); default ``onnxruntime`` for an ``.onnx`` file, else ``torch``.
+        tta_scales, tta_flip: test-time augmentation (default: the run's ``eval`` section);
+            ``--adapt`` has its own (the teacher's scales and flip).
 
     Returns:
         The written files, one per image, in the order of :func:`list_images`.
@@ -489,6 +493,11 @@ def predict(
 
     if format not in FORMATS:
         raise ConfigError(f"--format {format!r}: use one of {', '.join(FORMATS)}")
+    if labeller is not None and (tta_scales is not None or tta_flip is not None):
+        raise ConfigError(
+            "--adapt segments each frame with its teacher's own views (teacher scales and "
+            "flip); drop --tta-scales / --tta-flip"
+        )
     plan = plan_outputs(list_images(images), out_dir, overwrite)
     for image, _ in plan:
         image_size(image)  # a file that is no image stops the run before anything is written
@@ -503,6 +512,7 @@ def predict(
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = load_segmenter(folder, backbone_source=backbone_source).to(device).eval()
     eval_cfg, policy = inference_settings(model, mode, crop, stride, resize_short, max_long)
+    eval_cfg = with_tta(eval_cfg, tta_scales, tta_flip)
     names, num_classes = model.config.class_names, model.config.num_classes
     palette = palette_for(names, num_classes)
 
