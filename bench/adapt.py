@@ -472,6 +472,18 @@ def resume_rows(args, script: str, argv) -> dict:
     return result
 
 
+def load_or_run(parser: argparse.ArgumentParser, args, script: str, argv, run_rows) -> dict:
+    """The rows of ``--from-json``; or those of ``--json`` (:func:`resume_rows`) completed by
+    ``run_rows(args, result)`` (bench/adapt_oracle.py and bench/tta.py)."""
+    if args.from_json:
+        return json.loads(Path(args.from_json).read_text())
+    if not args.run:
+        parser.error("give --run NAME=RUN (with {seed}) or --from-json FILE")
+    result = resume_rows(args, script, argv)
+    run_rows(args, result)
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_row_arguments(parser)

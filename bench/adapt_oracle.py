@@ -55,7 +55,7 @@ if __package__:
     from bench.adapt import (
         TARGETS,
         add_row_arguments,
-        resume_rows,
+        load_or_run,
         score,
         source_val,
         target_sets,
@@ -65,7 +65,7 @@ else:  # run as a script, bench/ is sys.path[0]
     from adapt import (
         TARGETS,
         add_row_arguments,
-        resume_rows,
+        load_or_run,
         score,
         source_val,
         target_sets,
@@ -241,13 +241,7 @@ def main(argv=None) -> int:
     parser.add_argument("--doc", action="store_true", help="write the section of the docs")
     parser.add_argument("--from-json", metavar="FILE", help="report a --json file; run nothing")
     args = parser.parse_args(argv)
-    if args.from_json:
-        result = json.loads(Path(args.from_json).read_text())
-    elif args.run:
-        result = resume_rows(args, "bench/adapt_oracle.py", argv)
-        run_rows(args, result)
-    else:
-        parser.error("give --run NAME=RUN (with {seed}) or --from-json FILE")
+    result = load_or_run(parser, args, "bench/adapt_oracle.py", argv, run_rows)
     text = report(result)
     print(text)
     if args.doc:

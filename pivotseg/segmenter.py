@@ -142,6 +142,8 @@ class Segmenter(nn.Module):
         stride: int | tuple[int, int] | None = None,
         resize_short: int | None = None,
         max_long: int | None = None,
+        tta_scales: tuple[float, ...] | None = None,
+        tta_flip: bool | None = None,
     ):
         """Segment one image as ``pivotseg predict`` does, on the model's device.
 
@@ -156,6 +158,8 @@ class Segmenter(nn.Module):
             resize_short, max_long: the size the image is segmented at (default: the run's
                 ``data.eval_resize_short``, else its ``data.max_size`` cap on the long side;
                 0 switches either off); images below the model's minimum side are enlarged.
+            tta_scales, tta_flip: test-time augmentation (default: the run's ``eval`` section,
+                else one view; docs/evaluation.md).
 
         Returns:
             :class:`~pivotseg.tasks.dgss.predict.Prediction`: ``labels`` int64 ``(H, W)`` and
@@ -175,6 +179,8 @@ class Segmenter(nn.Module):
             stride=stride,
             resize_short=resize_short,
             max_long=max_long,
+            tta_scales=tta_scales,
+            tta_flip=tta_flip,
         )
 
     # ----- training -------------------------------------------------------------------------

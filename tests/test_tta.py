@@ -127,3 +127,12 @@ def test_predict_takes_tta_and_refuses_it_with_adapt(run, tmp_path, capsys):
     argv = ["predict", str(run), str(images), "--out", str(tmp_path / "q"), "--adapt"]
     assert main([*argv, "--tta-flip"]) == 2
     assert "drop --tta-scales / --tta-flip" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_segmenter_predict_takes_the_overrides(model):
+    image = np.random.default_rng(2).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    got = model.predict(image, tta_scales=[1.0, 1.25], tta_flip=True).probabilities
+    by_hand = _views_by_hand(model, pixels, [1.0, 1.25], True)[0].numpy()
+    np.testing.assert_allclose(got, by_hand, atol=1e-5)

@@ -422,10 +422,13 @@ def predict_image(
     stride: int | Sequence[int] | None = None,
     resize_short: int | None = None,
     max_long: int | None = None,
+    tta_scales: Sequence[float] | None = None,
+    tta_flip: bool | None = None,
 ) -> Prediction:
     """:meth:`pivotseg.segmenter.Segmenter.predict` (the documentation is there)."""
     pixels = image_array(image)
     eval_cfg, policy = inference_settings(model, mode, crop, stride, resize_short, max_long)
+    eval_cfg = with_tta(eval_cfg, tta_scales, tta_flip)
     was_training = model.training
     model.eval()
     try:
