@@ -99,7 +99,7 @@ def run(model, tmp_path_factory):
     return folder
 
 
-def test_eval_uses_the_runs_tta_unless_overridden_and_records_it(run, tmp_path):
+def test_eval_uses_the_runs_tta_unless_overridden_and_records_it(run, tmp_path, capsys):
     data = make_folder_dataset(tmp_path / "tgt", {"val": 2}, seed=1, shift=25)
     target = [f"tgt={data}:folder:val"]
     out = tmp_path / "scores.json"
@@ -108,6 +108,9 @@ def test_eval_uses_the_runs_tta_unless_overridden_and_records_it(run, tmp_path):
     assert record["inference"] == inference
     assert json.loads(out.read_text())["inference"] == inference
     plain = evaluate(run, target, verbose=False, tta_scales=[1], tta_flip=False)
+    capsys.readouterr()
+    evaluate(run, target, verbose=True)
+    assert "test-time augmentation: scales 1, 2 with flip" in capsys.readouterr().out
     assert plain["inference"] == {"mode": "whole", "tta_scales": [1.0], "tta_flip": False}
     assert main(["eval", str(run), "--data", target[0], "--tta-scales", "1", "--no-tta-flip",
                  "--json", str(tmp_path / "cli.json")]) == 0  # fmt: skip

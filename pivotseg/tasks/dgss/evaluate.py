@@ -44,14 +44,14 @@ def infer_logits(model: nn.Module, images: torch.Tensor, eval_cfg: EvalConfig) -
         images,
         eval_cfg.tta_scales,
         flip=eval_cfg.tta_flip,
-        min_side=_min_side(model, eval_cfg),
+        min_side=_min_side(model),
     )
     return probs.clamp_min(1e-12).log()
 
 
-def _min_side(model: nn.Module, eval_cfg: EvalConfig) -> int:
-    """The smallest image side a view may have: the model's (an ONNX export's sidecar, else
-    from its strides); in sliding mode windows pad, so the model's side is the limit too."""
+def _min_side(model: nn.Module) -> int:
+    """The smallest image side a view may have: an ONNX export's (its sidecar's, and two size
+    multiples), else the eager model's coarsest stride."""
     if hasattr(model, "size_multiple"):  # an OnnxSegmenter: it pads to two multiples
         return max(int(model.min_side), 2 * int(model.size_multiple))
     from pivotseg.tasks.dgss.predict import min_input_side  # predict imports this module
@@ -451,6 +451,10 @@ def evaluate(
     if acc.is_main_process:
         if verbose:
             print(format_table(record, per_class=True))
+            if eval_cfg.augmented:
+                flip = " with flip" if eval_cfg.tta_flip else ""
+                scales = ", ".join(f"{s:g}" for s in eval_cfg.tta_scales)
+                print(f"test-time augmentation: scales {scales}{flip} (softmax averaged)")
         if output is not None:
             from pivotseg.evaluation.results import write_json
 
