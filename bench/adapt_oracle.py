@@ -30,6 +30,7 @@ carry that student to the issue's +3 with that budget on this target.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -51,26 +52,8 @@ from pivotseg.tasks.adapt.params import only_these_require_grad
 from pivotseg.tasks.adapt.selftrain import student_parameters
 from pivotseg.tasks.dgss.evaluate import TaxonomyBridge
 
-if __package__:
-    from bench.adapt import (
-        TARGETS,
-        add_row_arguments,
-        load_or_run,
-        score,
-        source_val,
-        target_sets,
-        values_by_seed,
-    )
-else:  # run as a script, bench/ is sys.path[0]
-    from adapt import (
-        TARGETS,
-        add_row_arguments,
-        load_or_run,
-        score,
-        source_val,
-        target_sets,
-        values_by_seed,
-    )
+# bench/adapt.py's split, scoring and row bookkeeping (bench/ is sys.path[0] as a script)
+adapt = importlib.import_module("bench.adapt" if __package__ else "adapt")
 
 ROOT = check_checkout(__file__)
 STUDENTS = {"oracle": False, "oracle + head": True}  # row prefix -> the head in the student
@@ -112,11 +95,11 @@ def oracle_train(model, labelled, steps: int, seed: int, head: bool) -> list[flo
 
 def run_rows(args, result: dict) -> None:
     """Score source only and train + score every oracle row not yet in ``result``."""
-    val = source_val(args.val_every)
+    val = adapt.source_val(args.val_every)
     done = {(r["target"], r["run"], r["seed"], r["adaptation"]) for r in result["rows"]}
     runs = [spec.split("=", 1) for spec in args.run]
     for target in args.targets:
-        labelled, datasets, _ = target_sets(args, target, val)
+        labelled, datasets, _ = adapt.target_sets(args, target, val)
         scored = len(datasets["target"])
         result["frames"][target] = {"adapt": len(labelled), "score": scored}
         print(f"{target}: oracle on {len(labelled)} labelled frames, score {scored}")
@@ -139,7 +122,7 @@ def run_rows(args, result: dict) -> None:
                         row["seconds"] = round(time.time() - start, 1)
                         ends = (losses[:5], losses[-5:])
                         row["loss_first_last"] = [round(float(np.mean(x)), 4) for x in ends]
-                    row.update(score(model, datasets))
+                    row.update(adapt.score(model, datasets))
                     result["rows"].append(row)
                     done.add(key)
                     print(row, flush=True)
@@ -209,8 +192,8 @@ def report(result: dict) -> str:
                 continue
             diffs = [
                 paired_difference(
-                    values_by_seed(rows, target, run, adaptation, f),
-                    values_by_seed(rows, target, run, SOURCE, f),
+                    adapt.values_by_seed(rows, target, run, adaptation, f),
+                    adapt.values_by_seed(rows, target, run, SOURCE, f),
                 )
                 for f in ("miou", "source_val")
             ]
@@ -226,7 +209,7 @@ def report(result: dict) -> str:
             ["comparison", "target Δ mIoU [95 % CI]", "source val Δ [95 % CI]", "seeds"], paired
         )
         parts.append(
-            f"### {target}: {TARGETS[target]}\n\n{frames.get('adapt', '?')} labelled frames "
+            f"### {target}: {adapt.TARGETS[target]}\n\n{frames.get('adapt', '?')} labelled frames "
             f"trained on, {frames.get('score', '?')} held-out frames scored (whole image).\n\n"
             f"{table}\n\nPaired by seed:\n\n{paired_table}\n\n" + "\n".join(lines)
         )
@@ -235,13 +218,13 @@ def report(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_row_arguments(parser)
+    adapt.add_row_arguments(parser)
     parser.add_argument("--steps", type=int, nargs="+", default=[40], help="budgets (default 40)")
     parser.add_argument("--val-every", type=int, default=3, help="source val: every Nth frame")
     parser.add_argument("--doc", action="store_true", help="write the section of the docs")
     parser.add_argument("--from-json", metavar="FILE", help="report a --json file; run nothing")
     args = parser.parse_args(argv)
-    result = load_or_run(parser, args, "bench/adapt_oracle.py", argv, run_rows)
+    result = adapt.load_or_run(parser, args, "bench/adapt_oracle.py", argv, run_rows)
     text = report(result)
     print(text)
     if args.doc:

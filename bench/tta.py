@@ -50,16 +50,18 @@ def run_rows(args, result: dict) -> None:
     result["limit"] = args.limit
     done = {(r["run"], r["seed"], r["variant"]) for r in result["rows"]}
     variants = [(PLAIN, [1.0], False)] + [parse_variant(v) for v in args.variant]
+    shared = load_config(args.datasets_from) if args.datasets_from else None
     for seed in args.seeds:
         for name, pattern in (spec.split("=", 1) for spec in args.run):
+            todo = [v for v in variants if (name, seed, v[0]) not in done]
+            if not todo:  # resumed: neither the model nor the data is opened again
+                continue
             folder = resolve_model_folder(pattern.format(seed=seed))
-            cfg = load_config(args.datasets_from) if args.datasets_from else find_run_config(folder)
+            cfg = shared or find_run_config(folder)
             specs = [t for t in cfg.data.targets if t.label in args.targets]
             datasets = open_eval_datasets([cfg.data.val, *specs], cfg.data.eval_resize_short)
             model = load_segmenter(folder)
-            for variant, scales, flip in variants:
-                if (name, seed, variant) in done:
-                    continue
+            for variant, scales, flip in todo:
                 eval_cfg = EvalConfig(limit=args.limit, tta_scales=scales, tta_flip=flip)
                 start = time.perf_counter()
                 record = evaluate_datasets(model, datasets, eval_cfg, val_name=cfg.data.val.label)
